@@ -1,0 +1,189 @@
+"""The one perturbation engine: initialiser x loss x step rule x projection, run for K steps.
+
+Every attack in training and evaluation (PGD, FGSM, TRADES' KL attack, CW, the backward-smoothing
+step) is a `Perturbation` built from these parts. `attack_mode` owns the conventions of DESIGN
+section 2: the model runs in eval mode without parameter gradients, and its previous state is
+restored afterwards.
+"""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backsmooth.errors import ConfigError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""(logits, target) -> per-example loss of shape (m,); the attack ascends it."""
+
+StepRule = Callable[[Tensor], Tensor]
+"""Input gradient -> step direction (scaled by the step size)."""
+
+
+class Initializer(Protocol):
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor, eps: float,
+                 generator: torch.Generator | None) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------- model state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DistributedDataParallel wrapper, so attack passes never synchronise."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, no parameter gradients; restores the previous mode and flags on exit."""
+    model = unwrap(model)
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def predict_eval(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits in eval mode without building a graph (the clean target of TRADES-style methods)."""
+    with attack_mode(model) as net, torch.no_grad():
+        return net(x)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def ce_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example cross-entropy."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def kl_loss(logits: Tensor, log_target: Tensor) -> Tensor:
+    """Per-example KL(target || softmax(logits)), from log-probabilities on both sides."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return F.kl_div(log_probs, log_target, reduction="none", log_target=True).sum(dim=1)
+
+
+def cw_margin_loss(kappa: float = float("inf")) -> LossFn:
+    """Ascent form of the CW-inf loss: min(max_{j != y} z_j - z_y, kappa)."""
+
+    def loss(logits: Tensor, y: Tensor) -> Tensor:
+        logits = logits.float()
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+        return (other - true).clamp(max=kappa)
+
+    return loss
+
+
+# --------------------------------------------------------------------------- steps and projection
+
+
+def sign_step(grad: Tensor) -> Tensor:
+    """The L-inf steepest-ascent direction."""
+    return grad.sign()
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Onto the L-inf ball of radius eps around x, then into the [0, 1] box."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- initialisers
+
+
+def _rand(x: Tensor, generator: torch.Generator | None, normal: bool = False) -> Tensor:
+    draw = torch.randn if normal else torch.rand
+    return draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def zero_init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+              generator: torch.Generator | None) -> Tensor:
+    """Start at the clean input."""
+    return x.clone()
+
+
+def uniform_init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+                 generator: torch.Generator | None) -> Tensor:
+    """x + U(-eps, eps), projected (random start of PGD and FGSM-RS)."""
+    return project(x + (2 * _rand(x, generator) - 1) * eps, x, eps)
+
+
+def gaussian_init(std: float) -> Initializer:
+    """x + std * N(0, I), projected (TRADES' start, with std = 0.001)."""
+
+    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+             generator: torch.Generator | None) -> Tensor:
+        return project(x + std * _rand(x, generator, normal=True), x, eps)
+
+    return init
+
+
+def backward_smoothing_init(gamma: float, step_size: float) -> Initializer:
+    """Backward smoothing (Chen et al. 2022): one sign step from x that *descends*
+    KL(p~ || s(f(x'))), with p~ = s(z + gamma * xi), xi ~ U(-1, 1) per sample and class, and
+    z the clean logits given as `target` (logits or log-probabilities: softmax ignores the shift).
+    One input-gradient pass.
+    """
+    if gamma <= 0:
+        raise ConfigError(f"backward smoothing needs gamma > 0, got {gamma} (gamma = 0 gives x_adv = x)")
+
+    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+             generator: torch.Generator | None) -> Tensor:
+        xi = 2 * _rand(target, generator) - 1
+        noisy_target = F.log_softmax(target + gamma * xi, dim=1)
+        descent = Perturbation(kl_loss, zero_init, eps, -step_size, steps=1)
+        return descent(model, x, noisy_target, generator).x_adv
+
+    return init
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class AttackOutput(NamedTuple):
+    x_adv: Tensor
+    start_loss: Tensor | None
+    """Per-example loss at the starting point (free: the first step computes it); None if steps = 0."""
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """K steps of x <- B(x + step_size * step_rule(grad_x loss(f(x), target))) from init(x).
+
+    A negative step size descends the loss (the backward-smoothing step).
+    """
+
+    loss: LossFn
+    init: Initializer
+    eps: float
+    step_size: float
+    steps: int
+    step_rule: StepRule = sign_step
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Tensor,
+                 generator: torch.Generator | None = None) -> AttackOutput:
+        with attack_mode(model) as net:
+            x = x.detach()
+            x_adv = self.init(net, x, target, self.eps, generator).detach()
+            start_loss = None
+            for step in range(self.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    losses = self.loss(net(x_adv), target)
+                    (grad,) = torch.autograd.grad(losses.sum(), x_adv)
+                if step == 0:
+                    start_loss = losses.detach()
+                x_adv = project(x_adv.detach() + self.step_size * self.step_rule(grad), x, self.eps)
+        return AttackOutput(x_adv.detach(), start_loss)

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class BacksmoothError(Exception):
+    """A mistake in the user's input (config, data, paths, checkpoints), not a bug."""
+
+
+class ConfigError(BacksmoothError, ValueError):
+    """An invalid configuration value or combination."""
+
+
+class DataError(BacksmoothError):
+    """Missing, malformed or inconsistent data."""
+
+
+class CheckpointError(BacksmoothError):
+    """A checkpoint that cannot be loaded safely or does not fit the model."""

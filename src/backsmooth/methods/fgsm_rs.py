@@ -1,0 +1,28 @@
+"""Fast AT / FGSM-RS (Wong et al. 2020): one CE step of 1.25 eps from a uniform random start."""
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from backsmooth.attacks import pgd
+from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, record
+
+
+@dataclasses.dataclass(frozen=True)
+class FGSMRS(TrainingMethod):
+    name = "fgsm_rs"
+    summary = "Fast AT: single-step FGSM from a random start; cheapest robust method, can collapse"
+    eps: float = 8 / 255
+    alpha: float | None = None  # defaults to 1.25 * eps
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self._set("alpha", 1.25 * self.eps)
+        self._check_eps_alpha()
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None) -> Tensor:
+        x_adv, start_loss = pgd(self.eps, self.alpha, 1, random_start=True)(model, x, y, generator)
+        record(stats, attack_start_ce=start_loss)
+        return ce_training_loss(model, x_adv, y, stats)

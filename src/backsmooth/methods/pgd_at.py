@@ -1,0 +1,29 @@
+"""PGD adversarial training (Madry et al. 2018): CE on a K-step PGD point with random start."""
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from backsmooth.attacks import pgd
+from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, record
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDAT(TrainingMethod):
+    name = "pgd_at"
+    summary = "Madry's PGD-K adversarial training; strong but about 2K + 3 passes per step"
+    eps: float = 8 / 255
+    alpha: float = 2 / 255
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        self._check_eps_alpha()
+        self._check_steps()
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None) -> Tensor:
+        attack = pgd(self.eps, self.alpha, self.steps, random_start=True)
+        x_adv, start_loss = attack(model, x, y, generator)
+        record(stats, attack_start_ce=start_loss)
+        return ce_training_loss(model, x_adv, y, stats)

@@ -1,0 +1,209 @@
+"""Each training method against what DESIGN section 3 says it must compute, and its pass count."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backsmooth import methods
+from backsmooth.attacks import backward_smoothing_init, kl_loss, predict_eval
+from backsmooth.errors import ConfigError
+from backsmooth.methods.base import trades_loss
+
+EPS = 8 / 255
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+
+
+def batch(n: int = 16, interior: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    if interior:
+        x = 0.25 + 0.5 * x  # far from the box so clamping never acts
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+class ForwardLog:
+    """Records every forward call: (train mode?, grad enabled?, input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: list[tuple[bool, bool, torch.Tensor]] = []
+        model.register_forward_pre_hook(lambda m, args: self.calls.append((m.training, torch.is_grad_enabled(), args[0].detach().clone())))
+
+    def counts(self) -> tuple[int, int, int]:
+        """(eval forwards without grad, eval forwards with grad, train-mode forwards)."""
+        no_grad = sum(1 for t, g, _ in self.calls if not t and not g)
+        attack = sum(1 for t, g, _ in self.calls if not t and g)
+        train = sum(1 for t, _, _ in self.calls if t)
+        return no_grad, attack, train
+
+
+# (no-grad clean forwards, input-gradient forwards, train-mode forwards): DESIGN section 4
+EXPECTED_PASSES = {
+    "natural": (0, 0, 1),
+    "pgd_at": (0, 10, 1),
+    "trades": (1, 10, 2),
+    "fgsm_rs": (0, 1, 1),
+    "fast_trades": (1, 1, 2),
+    "backward_smoothing": (1, 2, 2),
+    "gradalign": (0, 1, 3),
+}
+
+
+def test_every_method_is_registered():
+    assert set(methods.names()) == set(EXPECTED_PASSES)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
+def test_pass_counts_match_the_floor(name):
+    model = tiny_model().train()
+    log = ForwardLog(model)
+    x, y = batch()
+    loss = methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert log.counts() == EXPECTED_PASSES[name]
+    loss.backward()
+    assert log.counts() == EXPECTED_PASSES[name]  # the backward adds no forward
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
+def test_every_input_the_model_sees_is_in_the_ball_and_box(name):
+    model = tiny_model().train()
+    log = ForwardLog(model)
+    x, y = batch()
+    x[:, 0] = 0.0
+    x[:, 1] = 1.0
+    methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
+    for _, _, seen in log.calls:
+        assert (seen - x).abs().max() <= EPS + 1e-6
+        assert seen.min() >= 0 and seen.max() <= 1
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
+def test_attacks_leave_batchnorm_statistics_to_the_training_forwards(name):
+    """Running stats change only through the train-mode forwards: replaying those alone gives the same stats."""
+    model = tiny_model().train()
+    replay = tiny_model().train()
+    log = ForwardLog(model)
+    x, y = batch()
+    methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for training, _, seen in log.calls:
+            if training:
+                replay(seen)
+    torch.testing.assert_close(model[1].running_mean, replay[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, replay[1].running_var)
+    assert model[1].num_batches_tracked == replay[1].num_batches_tracked
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
+def test_methods_are_reproducible_under_a_seeded_generator(name):
+    x, y = batch()
+    losses = []
+    for _ in range(2):
+        model = tiny_model()
+        losses.append(methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(5)).item())
+    assert losses[0] == losses[1]
+
+
+def test_backward_step_lowers_kl_to_the_smoothed_target():
+    model = tiny_model().eval()
+    x, _ = batch()
+    clean = F.log_softmax(predict_eval(model, x), dim=1)
+    x0 = backward_smoothing_init(1.0, EPS)(model, x, clean, EPS, torch.Generator().manual_seed(7))
+    xi = 2 * torch.rand(clean.shape, generator=torch.Generator().manual_seed(7)) - 1
+    smoothed = F.log_softmax(clean + xi, dim=1)
+    with torch.no_grad():
+        assert kl_loss(model(x0), smoothed).mean() < kl_loss(model(x), smoothed).mean()
+    assert (x0 - x).abs().max() <= EPS + 1e-6 and not torch.equal(x0, x)
+
+
+def test_backward_smoothing_with_alpha_eps_moves_each_pixel_by_minus_zero_or_plus_eps():
+    model = tiny_model().train()
+    log = ForwardLog(model)
+    x, y = batch(interior=True)
+    methods.build("backward_smoothing", alpha=EPS)(model, x, y, generator=torch.Generator().manual_seed(0))
+    x_adv = [seen for training, _, seen in log.calls if training][1]
+    delta = (x_adv - x) / EPS
+    nearest = delta.round()
+    assert torch.allclose(delta, nearest, atol=1e-4)
+    assert set(nearest.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert (nearest != 0).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("bad", [dict(gamma=0.0), dict(gamma=-1.0), dict(eps=0.0), dict(eps=1.5), dict(steps=0),
+                                 dict(beta=-1.0), dict(alpha=0.0)])
+def test_backward_smoothing_rejects_bad_hyperparameters(bad):
+    with pytest.raises(ConfigError, match="backward_smoothing"):
+        methods.build("backward_smoothing", **bad)
+
+
+def test_unknown_method_or_hyperparameter_is_rejected():
+    with pytest.raises(ConfigError, match="unknown method"):
+        methods.build("tradez")
+    with pytest.raises(ConfigError, match="does not take gamma"):
+        methods.build("trades", gamma=1.0)
+
+
+def test_defaults_follow_the_paper():
+    bs = methods.build("backward_smoothing")
+    assert (bs.eps, bs.alpha, bs.beta, bs.gamma, bs.steps) == (EPS, EPS, 10.0, 1.0, 1)
+    trades = methods.build("trades")
+    assert (trades.alpha, trades.beta, trades.steps) == (0.007, 6.0, 10)
+    assert methods.build("fgsm_rs").alpha == pytest.approx(1.25 * EPS)
+    assert methods.build("fgsm_rs", eps=16 / 255).alpha == pytest.approx(1.25 * 16 / 255)
+    assert methods.build("fast_trades").alpha == EPS
+    assert methods.build("pgd_at").alpha == 2 / 255
+    assert methods.build("gradalign").grad_align_lambda == 0.2
+
+
+def test_trades_loss_differentiates_through_both_kl_arguments():
+    x, y = batch()
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+
+    def param_grads(detach_nat: bool, detach_adv: bool) -> torch.Tensor:
+        model = tiny_model().eval()  # eval: identical logits in all three variants
+        logits_nat, logits_adv = model(x), model(x_adv)
+        nat = logits_nat.detach() if detach_nat else logits_nat
+        adv = logits_adv.detach() if detach_adv else logits_adv
+        kl = F.kl_div(F.log_softmax(adv, 1), F.log_softmax(nat, 1), reduction="batchmean", log_target=True)
+        kl.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    model = tiny_model().eval()
+    loss = trades_loss(model, x, x_adv, y, beta=1.0, stats=None) - F.cross_entropy(model(x), y)
+    loss.backward()
+    ours = torch.cat([p.grad.flatten() for p in model.parameters()])
+    both = param_grads(False, False)
+    torch.testing.assert_close(ours, both)
+    assert not torch.allclose(both, param_grads(True, False))
+    assert not torch.allclose(both, param_grads(False, True))
+
+
+def test_gradalign_regulariser_is_differentiated_through_the_input_gradients():
+    x, y = batch()
+
+    def grads(lam: float) -> torch.Tensor:
+        model = tiny_model().train()
+        stats: dict = {}
+        loss = methods.build("gradalign", grad_align_lambda=lam)(model, x, y, torch.Generator().manual_seed(0), stats)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), stats["grad_cosine"]
+
+    without, _ = grads(0.0)
+    with_reg, cosine = grads(1.0)
+    assert -1 <= cosine <= 1
+    assert (with_reg - without).abs().max() > 1e-6  # second-order gradient reached the parameters
+
+
+def test_stats_are_returned_without_changing_the_loss():
+    x, y = batch()
+    stats: dict = {}
+    a = methods.build("backward_smoothing")(tiny_model(), x, y, torch.Generator().manual_seed(0), stats)
+    b = methods.build("backward_smoothing")(tiny_model(), x, y, torch.Generator().manual_seed(0))
+    assert a.item() == b.item()
+    assert {"ce", "kl", "attack_start_kl", "accuracy", "adv_accuracy"} <= set(stats)
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
