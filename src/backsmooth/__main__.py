@@ -1,0 +1,5 @@
+import sys
+
+from backsmooth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,265 @@
+"""`backsmooth bench`: seconds per training step of every method on one model, batch and device.
+
+Reports the median over repetitions after warm-up, images per second, the ratios to natural
+training and to our TRADES-10, the passes each step makes (counted with hooks) against the
+floor of DESIGN section 4, and peak memory. A benchmark-only row, `trades_reference`, recreates
+the pass structure of the TRADES reference code (clean forward recomputed in every attack step
+and in the loss) so both comparisons of the paper can be read off one table.
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backsmooth import methods, models
+from backsmooth.attacks import attack_mode
+from backsmooth.checkpoint import atomic_write_json
+from backsmooth.config import PRECISIONS, parse_number
+from backsmooth.data import ArrayDataset, DeviceLoader
+from backsmooth.errors import ConfigError
+from backsmooth.methods.base import Stats, TrainingMethod
+from backsmooth.runtime import resolve_device, synchronize
+from backsmooth.train import training_step
+
+# Floor of DESIGN section 4 in units of one forward pass F (GradAlign: "about 15").
+FLOOR_F = {"natural": 3, "pgd_at": 23, "trades": 27, "fgsm_rs": 5, "fast_trades": 9, "backward_smoothing": 11,
+           "gradalign": 15, "trades_reference": 40}
+
+
+@dataclasses.dataclass(frozen=True)
+class TRADESReference(TrainingMethod):
+    """TRADES-10 with the reference code's pass structure, for timing only: each attack step runs the
+    clean forward again beside the adversarial one, and the loss runs the clean forward twice."""
+
+    name = "trades_reference"
+    summary = "benchmark only: TRADES-10 as the reference code computes it (about 40F)"
+    eps: float = 8 / 255
+    alpha: float = 0.007
+    steps: int = 10
+    beta: float = 6.0
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None) -> Tensor:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + 0.001 * noise).clamp(0, 1)
+        with attack_mode(model) as net:
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(net(x), 1), reduction="sum")
+                    (grad,) = torch.autograd.grad(kl, x_adv)
+                x_adv = torch.min(torch.max(x_adv.detach() + self.alpha * grad.sign(), x - self.eps), x + self.eps)
+                x_adv = x_adv.clamp(0, 1)
+        logits = model(x)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="batchmean")
+        return F.cross_entropy(logits, y) + self.beta * kl
+
+
+@dataclasses.dataclass
+class PassCount:
+    """Forward calls of one training step, split by kind (DESIGN section 4)."""
+
+    clean_no_grad: int = 0  # eval-mode forwards without a graph (targets)
+    input_gradient: int = 0  # eval-mode forwards with a graph (attack steps: forward + input backward)
+    training: int = 0  # train-mode forwards (all share one full backward)
+
+    @property
+    def f_units(self) -> int:
+        """Cost in forward-pass units: 1 per no-grad forward, 2 per attack step, 3 per training forward."""
+        return self.clean_no_grad + 2 * self.input_gradient + 3 * self.training
+
+
+def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor) -> PassCount:
+    """Classify every forward call of one training step with a pre-hook."""
+    counts = PassCount()
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if module.training:
+            counts.training += 1
+        elif torch.is_grad_enabled():
+            counts.input_gradient += 1
+        else:
+            counts.clean_no_grad += 1
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        method(model, x, y, generator=torch.Generator(x.device).manual_seed(0)).backward()
+    finally:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    return counts
+
+
+def _method(name: str, eps: float) -> TrainingMethod:
+    if name == "trades_reference":
+        return TRADESReference(eps=eps)
+    return methods.build(name, **({"eps": eps} if name != "natural" else {}))
+
+
+def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, device: torch.device, precision: str,
+               channels_last: bool, warmup: int, repeats: int, steps: int) -> list[float]:
+    """Seconds per step for each repetition (each the mean of `steps` steps), after `warmup` steps."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        training_step(model, method, optimizer, scaler, x, y, generator, device, precision, channels_last)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000 / steps)
+        else:
+            begin = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - begin) / steps)
+    return times
+
+
+def time_data_pipeline(n_images: int, image_shape: tuple[int, int, int], batch_size: int, device: torch.device,
+                       augment: str = "crop_flip") -> float:
+    """Seconds for one epoch of the device-resident loader (shuffle + augmentation) over n_images."""
+    images = torch.randint(0, 256, (n_images, *image_shape), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n_images,))
+    loader = DeviceLoader(ArrayDataset(images, labels), batch_size, augment=augment, device=device)
+    for _ in loader.epoch(0):  # warm-up
+        pass
+    synchronize(device)
+    begin = time.perf_counter()
+    for x, _ in loader.epoch(1):
+        x.sum()  # make sure the batch is materialised
+    synchronize(device)
+    return time.perf_counter() - begin
+
+
+def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), batch_size: int = 128,
+                  image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, eps: float = 8 / 255,
+                  device: str = "auto", precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                  warmup: int = 2, repeats: int = 5, steps: int = 3, epoch_images: int = 50_000,
+                  seed: int = 0) -> dict[str, Any]:
+    """Time every method on the same model, batch and device; see the module docstring."""
+    dev = resolve_device(device)
+    names = method_names or (*methods.names(), "trades_reference")
+    unknown = [n for n in names if n not in FLOOR_F]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r} for bench; choose from: {', '.join(FLOOR_F)}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
+    rows = []
+    for name in names:
+        torch.manual_seed(seed)
+        net = models.build(arch, num_classes, in_channels=image_shape[0]).to(dev)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        method = _method(name, eps)
+        passes = count_passes(net, method, x, y)
+        model = torch.compile(net) if compile else net
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = time_steps(model, method, x, y, dev, precision, channels_last, warmup, repeats, steps)
+        median = statistics.median(times)
+        rows.append({
+            "method": name, "seconds_per_step": median, "seconds_per_repeat": times,
+            "images_per_second": batch_size / median,
+            "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": FLOOR_F[name],
+            "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        })
+    by_name = {row["method"]: row for row in rows}
+    for row in rows:
+        for reference in ("natural", "trades"):
+            if reference in by_name:
+                row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
+    result: dict[str, Any] = {
+        "arch": arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
+        "eps": eps, "device": str(dev), "device_name": _device_name(dev), "precision": precision,
+        "channels_last": channels_last, "compile": compile, "warmup": warmup, "repeats": repeats,
+        "steps_per_repeat": steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+    }
+    if epoch_images and "natural" in by_name:
+        data_seconds = time_data_pipeline(epoch_images, image_shape, batch_size, dev)
+        natural_epoch = (epoch_images // batch_size) * by_name["natural"]["seconds_per_step"]
+        result["data_pipeline"] = {"images": epoch_images, "seconds_per_epoch": data_seconds,
+                                   "natural_epoch_seconds": natural_epoch,
+                                   "fraction_of_natural_epoch": data_seconds / natural_epoch}
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['arch']}, batch {result['batch_size']}, {'x'.join(map(str, result['image_shape']))}, "
+             f"{result['device_name']}, {result['precision']}"
+             f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}",
+             f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x TRADES-10':>11} "
+             f"{'passes (ng/ig/tr)':>18} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
+    for row in result["rows"]:
+        p = row["passes"]
+        passes = f"{p['clean_no_grad']}/{p['input_gradient']}/{p['training']}"
+        memory = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
+        lines.append(f"{row['method']:<20} {row['seconds_per_step']:>8.4f} {row['images_per_second']:>8.0f} "
+                     f"{row.get('ratio_to_natural', float('nan')):>9.2f} {row.get('ratio_to_trades', float('nan')):>11.3f} "
+                     f"{passes:>18} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
+    if "data_pipeline" in result:
+        d = result["data_pipeline"]
+        lines.append(f"data pipeline: {d['seconds_per_epoch']:.3f} s per epoch of {d['images']} images = "
+                     f"{d['fraction_of_natural_epoch']:.2%} of a natural training epoch ({d['natural_epoch_seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--methods", default="", help="comma-separated (default: all, plus trades_reference)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--eps", default="8/255")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
+    parser.add_argument("--epoch-images", type=int, default=50_000, help="images in the data-pipeline epoch (0: skip)")
+    parser.add_argument("--json", help="write all results to this JSON file")
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    for flag in ("batch_size", "image_size", "channels", "num_classes", "repeats", "steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.epoch_images < 0:
+        raise ConfigError("--warmup and --epoch-images must be >= 0")
+    names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
+    result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
+                           args.num_classes, parse_number(args.eps), args.device, args.precision,
+                           args.channels_last, args.compile, args.warmup, args.repeats, args.steps,
+                           args.epoch_images)
+    print(format_table(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0

@@ -1,0 +1,121 @@
+"""Files that survive crashes: atomic writes, safe (weights-only) loading, checkpoint rotation.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and renamed,
+so a crash leaves either the old file or the new one, never a truncated one.
+"""
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backsmooth.errors import CheckpointError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite a whole JSON-lines file atomically (metrics files are small)."""
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def save(path: str | Path, obj: dict[str, Any]) -> None:
+    """torch.save, atomically; `obj` must hold only tensors and plain Python values."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with `weights_only=True`: a file that would need arbitrary unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else ""
+        raise CheckpointError(
+            f"refusing {path}: it needs arbitrary code to unpickle (not a weights-only checkpoint){': ' + reason if reason else ''}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def model_state(obj: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state_dict stored under "model" (or the dict itself if it is a bare state_dict)."""
+    state = obj.get("model", obj)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} has no model state_dict under the key 'model'")
+    return state
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a readable message for architecture or class-count mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit this architecture: {len(missing)} missing keys (e.g. {missing[:1]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}); check --arch"
+        )
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source} does not fit: {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(own[key].shape)} (different number of classes or width?)"
+            )
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained model from a run directory (its best.pt, else last.pt) or a model file, with its metadata."""
+    from backsmooth import models  # local: models do not depend on checkpoints
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "best.pt", path / "last.pt"]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise CheckpointError(f"{path} holds no best.pt or last.pt; is it a run directory of `backsmooth train`?")
+        path = found[0]
+    saved = load(path)
+    meta = saved.get("meta")
+    if not isinstance(meta, dict) or not {"arch", "num_classes", "in_channels"} <= set(meta):
+        raise CheckpointError(f"{path} has no 'meta' with arch, num_classes and in_channels; "
+                              f"it was not written by `backsmooth train`")
+    model = models.build(meta["arch"], meta["num_classes"], in_channels=meta["in_channels"])
+    load_state_into(model, model_state(saved, path), str(path))
+    return model.to(device).eval(), dict(meta, path=str(path))
