@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth import methods, models
-from backsmooth.attacks import attack_mode
 from backsmooth.checkpoint import atomic_write_json
 from backsmooth.config import PRECISIONS, parse_number
 from backsmooth.data import ArrayDataset, DeviceLoader
@@ -50,14 +49,14 @@ class TRADESReference(TrainingMethod):
                  stats: Stats | None = None) -> Tensor:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = (x + 0.001 * noise).clamp(0, 1)
-        with attack_mode(model) as net:
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
-                with torch.enable_grad():
-                    kl = F.kl_div(F.log_softmax(net(x_adv), 1), F.softmax(net(x), 1), reduction="sum")
-                    (grad,) = torch.autograd.grad(kl, x_adv)
-                x_adv = torch.min(torch.max(x_adv.detach() + self.alpha * grad.sign(), x - self.eps), x + self.eps)
-                x_adv = x_adv.clamp(0, 1)
+        model.eval()  # as the reference code: eval mode, parameters still require gradients
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + self.alpha * grad.sign(), x - self.eps), x + self.eps)
+            x_adv = x_adv.clamp(0, 1)
+        model.train()
         logits = model(x)
         kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1), reduction="batchmean")
         return F.cross_entropy(logits, y) + self.beta * kl
@@ -65,16 +64,17 @@ class TRADESReference(TrainingMethod):
 
 @dataclasses.dataclass
 class PassCount:
-    """Forward calls of one training step, split by kind (DESIGN section 4)."""
+    """Forward calls of one training step, split by what their backward costs (DESIGN section 4)."""
 
-    clean_no_grad: int = 0  # eval-mode forwards without a graph (targets)
-    input_gradient: int = 0  # eval-mode forwards with a graph (attack steps: forward + input backward)
-    training: int = 0  # train-mode forwards (all share one full backward)
+    clean_forward: int = 0  # eval-mode forwards whose input needs no gradient (targets): 1F
+    input_gradient: int = 0  # eval-mode forwards differentiated w.r.t. the input (attack steps): 2F
+    training: int = 0  # train-mode forwards sharing the one full backward: 3F
+    double_backprop: int = 0  # train-mode forwards whose input gradient is itself differentiated: about 5F
 
     @property
     def f_units(self) -> int:
-        """Cost in forward-pass units: 1 per no-grad forward, 2 per attack step, 3 per training forward."""
-        return self.clean_no_grad + 2 * self.input_gradient + 3 * self.training
+        """Cost in units of one forward pass."""
+        return self.clean_forward + 2 * self.input_gradient + 3 * self.training + 5 * self.double_backprop
 
 
 def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor) -> PassCount:
@@ -82,12 +82,16 @@ def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor)
     counts = PassCount()
 
     def hook(module: nn.Module, args: Any) -> None:
+        input_needs_grad = torch.is_grad_enabled() and args[0].requires_grad
         if module.training:
-            counts.training += 1
-        elif torch.is_grad_enabled():
+            if input_needs_grad:
+                counts.double_backprop += 1
+            else:
+                counts.training += 1
+        elif input_needs_grad:
             counts.input_gradient += 1
         else:
-            counts.clean_no_grad += 1
+            counts.clean_forward += 1
 
     handle = model.register_forward_pre_hook(hook)
     try:
@@ -214,14 +218,14 @@ def format_table(result: dict[str, Any]) -> str:
              f"{result['device_name']}, {result['precision']}"
              f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}",
              f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x TRADES-10':>11} "
-             f"{'passes (ng/ig/tr)':>18} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
+             f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
     for row in result["rows"]:
         p = row["passes"]
-        passes = f"{p['clean_no_grad']}/{p['input_gradient']}/{p['training']}"
+        passes = f"{p['clean_forward']}/{p['input_gradient']}/{p['training']}/{p['double_backprop']}"
         memory = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
         lines.append(f"{row['method']:<20} {row['seconds_per_step']:>8.4f} {row['images_per_second']:>8.0f} "
                      f"{row.get('ratio_to_natural', float('nan')):>9.2f} {row.get('ratio_to_trades', float('nan')):>11.3f} "
-                     f"{passes:>18} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
+                     f"{passes:>19} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
     if "data_pipeline" in result:
         d = result["data_pipeline"]
         lines.append(f"data pipeline: {d['seconds_per_epoch']:.3f} s per epoch of {d['images']} images = "

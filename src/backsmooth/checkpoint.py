@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +60,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if "Weights only load failed" not in str(exc) else ""
-        raise CheckpointError(
-            f"refusing {path}: it needs arbitrary code to unpickle (not a weights-only checkpoint){': ' + reason if reason else ''}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first})") from None
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(f"refusing {path}: it needs arbitrary code to unpickle "
+                                  f"(not a weights-only checkpoint); load only files you trust") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+    except Exception as exc:  # torch raises many types for damaged files (RuntimeError, EOFError, IndexError...)
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def model_state(obj: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""The training loop: optimiser, schedule, precision, checkpoints, timing and metrics.
+"""The training loop: optimiser, schedule, precision, checkpoints, timing, metrics, and DDP.
 
 Run directory: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (everything needed
 to resume exactly; checkpoint.prev.pt is the one before), last.pt and best.pt (model weights and
 metadata, loadable with `torch.load(path, weights_only=True)`), summary.json (final test results).
+Under torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
 """
 
 import dataclasses
@@ -22,11 +23,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from backsmooth import checkpoint, methods, models
+from backsmooth import distributed as dist
+from backsmooth.attacks import pgd
 from backsmooth.config import RunConfig, validate
 from backsmooth.data import DatasetSplits, DeviceLoader, load_dataset
 from backsmooth.errors import BacksmoothError, CheckpointError, ConfigError
-from backsmooth.evaluation import clean_and_pgd
-from backsmooth.runtime import Stopwatch, autocast, resolve_device
+from backsmooth.evaluation import correct_under_attack
+from backsmooth.runtime import Stopwatch, autocast
 from backsmooth.schedules import learning_rate
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "last.pt", "best.pt",
@@ -82,18 +85,14 @@ def training_step(model: nn.Module, method: methods.TrainingMethod, optimizer: t
     return stats
 
 
-def default_run_dir(config: RunConfig) -> Path:
-    return Path("runs") / f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def default_val_size(config: RunConfig) -> int:
     if config.val_size is not None:
         return config.val_size
     return {"digits": 150, "synthetic": 50}.get(config.dataset, 1000)
 
 
-def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> bool:
-    """Create or check the run directory; True when there is a checkpoint to resume from.
+def check_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> tuple[bool, list[str]]:
+    """Read-only check of the run directory: (resumable checkpoint present?, files to delete first).
 
     Nothing is deleted unless `overwrite`; a resumed run must have the same configuration.
     """
@@ -103,26 +102,26 @@ def prepare_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: b
     if resume:
         saved = run_dir / "config.json"
         if saved.exists():
-            old = json.loads(saved.read_text())
+            try:
+                old = json.loads(saved.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ConfigError(f"{saved} is not valid JSON; cannot check that --resume uses the same settings") from None
             new = config.to_dict()
-            changed = [k for k in new if k not in ("out", "device") and old.get(k) != new[k]]
+            changed = [k for k in new if k not in ("out", "device", "log_every") and old.get(k) != new[k]]
             if changed:
                 k = changed[0]
                 raise ConfigError(f"--resume with a different {k} ({old.get(k)!r} in {saved}, now {new[k]!r}); "
                                   f"use the run's original settings or a new --out")
-        return any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt"))
+        return any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt")), []
     if existing and not overwrite:
         raise ConfigError(f"run directory {run_dir} already holds a run ({existing[0]}); "
                           f"add --resume to continue it, --overwrite to replace it, or choose another --out")
-    if existing and overwrite:
-        for name in existing:
-            (run_dir / name).unlink()
-    return False
+    return False, existing
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
     requested = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield requested
@@ -143,37 +142,58 @@ class Trainer:
     def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None) -> None:
         self.config = validate(config)
-        self.run_dir = Path(config.out) if config.out else default_run_dir(config)
+        self.proc, self.device = dist.setup(config.device)
+        if config.sync_bn and self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
+        default_dir = Path("runs") / f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(config.out) if config.out else Path(dist.broadcast_object(str(default_dir), self.proc))
         self.config.out = str(self.run_dir)
-        has_checkpoint = prepare_run_dir(self.run_dir, self.config, resume, overwrite)
-        self.device = resolve_device(config.device)
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        has_checkpoint, stale = check_run_dir(self.run_dir, self.config, resume, overwrite)
+        dist.barrier(self.proc)  # every rank has checked before rank 0 changes anything
+        self.progress = self.proc.is_main and (sys.stderr.isatty() if progress is None else progress)
+        if config.on_nonfinite == "skip" and self.proc.distributed:
+            raise ConfigError("--on-nonfinite skip is not supported under torchrun (ranks would diverge); use stop")
+        if not self.proc.is_main:
+            dist.barrier(self.proc)  # rank 0 downloads and fills the cache first
         self.data: DatasetSplits = load_dataset(
             config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
-            download=config.download, cache_dir=config.cache_dir)
+            download=config.download and self.proc.is_main, cache_dir=config.cache_dir)
+        if self.proc.is_main:
+            dist.barrier(self.proc)
         torch.manual_seed(config.seed)
-        channels = self.data.image_shape[0]
-        self.net = models.build(config.arch, self.data.num_classes, in_channels=channels,
+        self.net = models.build(config.arch, self.data.num_classes, in_channels=self.data.image_shape[0],
                                 mean=self.data.mean, std=self.data.std).to(self.device)
+        if config.sync_bn and self.proc.distributed:
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.model: nn.Module = torch.compile(self.net) if config.compile else self.net
+        model: nn.Module = torch.compile(self.net) if config.compile else self.net
+        if self.proc.distributed:  # attacks run on the wrapped module: no gradient or buffer syncs
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.model = model
         self.method = methods.build(config.method, **config.method_hyperparameters())
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.loader = DeviceLoader(self.data.train, config.batch_size, augment=self.data.augment, shuffle=True,
-                                   drop_last=True, seed=config.seed, device=self.device)
+                                   drop_last=True, seed=config.seed, device=self.device, rank=self.proc.rank,
+                                   world_size=self.proc.world_size)
         if len(self.loader) == 0:
             raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
                               f"({len(self.data.train)} examples); lower --batch-size")
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed + 1_000_003 * self.proc.rank)
         self.state = TrainState()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.proc.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for name in stale:
+                (self.run_dir / name).unlink()
+            if not has_checkpoint:
+                checkpoint.atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
+        dist.barrier(self.proc)
         if has_checkpoint:
             self._restore()
-        else:
-            checkpoint.atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -184,11 +204,15 @@ class Trainer:
         return {"model": self.net.state_dict(), "meta": meta}
 
     def _save_checkpoint(self) -> None:
+        """Everything the run depends on; collective under DDP (generator states come from every rank)."""
+        generators = dist.gather_objects(self.generator.get_state(), self.proc)
+        if not self.proc.is_main:
+            return
         state = {
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
+            "generators": generators,
             "torch_rng": torch.get_rng_state(),
             "train_state": dataclasses.asdict(self.state),
         }
@@ -208,66 +232,80 @@ class Trainer:
                 continue
             try:
                 saved = checkpoint.load(path, map_location=self.device)
+                generators = saved["generators"]
+                if len(generators) != self.proc.world_size:
+                    raise ConfigError(f"{path} was written by {len(generators)} processes, this run has "
+                                      f"{self.proc.world_size}; resume with the same number of processes")
                 checkpoint.load_state_into(self.net, saved["model"], str(path))
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.scaler.load_state_dict(saved["scaler"])
-                self.generator.set_state(saved["generator"].cpu())
+                self.generator.set_state(generators[self.proc.rank].cpu())
                 torch.set_rng_state(saved["torch_rng"].cpu())
                 if "cuda_rng" in saved and self.device.type == "cuda":
                     torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), self.device)
                 self.state = TrainState(**saved["train_state"])
-                if errors:
-                    print(f"warning: {errors[0]}; resumed from {path}", file=sys.stderr)
-                checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", self.state.metrics)
-                return
             except (CheckpointError, KeyError, TypeError) as exc:
                 errors.append(str(exc))
+                continue
+            if errors:
+                print(f"warning: {errors[0]}; resumed from {path}", file=sys.stderr)
+            if self.proc.is_main:
+                checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", self.state.metrics)
+            return
         raise CheckpointError(f"no usable checkpoint in {self.run_dir}: {'; '.join(errors)}")
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate last and best on the test set."""
+        with stop_on_signals() as stop_requested:
+            while self.state.epoch < self.config.epochs:
+                self._train_epoch(stop_requested)
+                self._end_epoch()
+        return self._finish()
+
+    def _train_epoch(self, stop_requested: threading.Event) -> None:
         config, state = self.config, self.state
         total_steps = config.epochs * len(self.loader)
+        if state.step_in_epoch == 0:
+            state.epoch_sums, state.epoch_seconds = {}, 0.0
+        self.net.train()
+        bar = tqdm(total=len(self.loader), initial=state.step_in_epoch, disable=not self.progress,
+                   desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step", leave=False)
         watch = Stopwatch(self.device)
-        with stop_on_signals() as stop_requested:
-            while state.epoch < config.epochs:
-                epoch = state.epoch
-                if state.step_in_epoch == 0:
-                    state.epoch_sums = {}
-                    state.epoch_seconds = 0.0
-                self.net.train()
-                bar = tqdm(total=len(self.loader), initial=state.step_in_epoch, disable=not self.progress,
-                           desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", leave=False)
-                watch.seconds = 0.0
-                watch.start()
-                for x, y in self.loader.epoch(epoch, state.step_in_epoch):
-                    lr = learning_rate(config.schedule, config.lr, state.global_step, total_steps)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    self._step(x, y)
-                    state.step_in_epoch += 1
-                    state.global_step += 1
-                    bar.update()
-                    at_log = state.global_step % config.log_every == 0
-                    at_checkpoint = config.checkpoint_every and state.global_step % config.checkpoint_every == 0
-                    if at_log or at_checkpoint or stop_requested.is_set():
-                        self._check_finite()
-                        bar.set_postfix(loss=f"{self._mean('loss'):.3f}",
-                                        img_s=f"{state.step_in_epoch * x.shape[0] / max(watch.stop() + state.epoch_seconds, 1e-9):.0f}")
-                        watch.start()
-                    if (at_checkpoint or stop_requested.is_set()) and state.step_in_epoch < len(self.loader):
-                        self._pause(watch, self._save_checkpoint)
-                    if stop_requested.is_set():
-                        bar.close()
-                        raise Interrupted(str(self.run_dir))
-                bar.close()
+        watch.start()
+        for x, y in self.loader.epoch(state.epoch, state.step_in_epoch):
+            lr = learning_rate(config.schedule, config.lr, state.global_step, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self._step(x, y)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            bar.update()
+            # under DDP the stop decision is taken together, at log intervals, so ranks stay in step
+            stop = stop_requested.is_set() if not self.proc.distributed else (
+                state.global_step % config.log_every == 0
+                and dist.any_process(stop_requested.is_set(), self.proc, self.device))
+            at_log = state.global_step % config.log_every == 0
+            at_checkpoint = bool(config.checkpoint_every) and state.global_step % config.checkpoint_every == 0
+            if at_log or at_checkpoint or stop:
                 self._check_finite()
+                seconds = watch.stop() + state.epoch_seconds
+                bar.set_postfix(loss=f"{self._mean('loss'):.3f}",
+                                img_s=f"{state.step_in_epoch * config.batch_size / max(seconds, 1e-9):.0f}")
+                watch.start()
+            if (at_checkpoint or stop) and state.step_in_epoch < len(self.loader):
                 state.epoch_seconds += watch.stop()
-                state.train_seconds += state.epoch_seconds
-                self._end_epoch(epoch)
-        return self._finish()
+                watch.seconds = 0.0
+                self._save_checkpoint()
+                watch.start()
+            if stop:
+                bar.close()
+                raise Interrupted(str(self.run_dir))
+        bar.close()
+        self._check_finite()
+        state.epoch_seconds += watch.stop()
+        state.train_seconds += state.epoch_seconds
 
     def _step(self, x: Tensor, y: Tensor) -> None:
         skip = self.config.on_nonfinite == "skip"
@@ -286,72 +324,89 @@ class Trainer:
         return float(self.state.epoch_sums[key]) / float(count) if key in self.state.epoch_sums and count else float("nan")
 
     def _check_finite(self) -> None:
-        if self.state.epoch_sums.get("nonfinite", 0) and float(self.state.epoch_sums["nonfinite"]) > 0:
+        nonfinite = float(self.state.epoch_sums.get("nonfinite", 0))
+        if dist.any_process(nonfinite > 0, self.proc, self.device):
             raise TrainingDiverged(
                 f"loss became non-finite in epoch {self.state.epoch + 1} (before step {self.state.global_step}); "
                 f"the last good checkpoint is kept in {self.run_dir}; lower --lr, use --precision fp32, "
                 f"or pass --on-nonfinite skip")
 
-    def _pause(self, watch: Stopwatch, action: Any) -> None:
-        """Run `action` outside the training clock."""
-        self.state.epoch_seconds += watch.stop()
-        watch.seconds = 0.0
-        action()
-        watch.start()
+    def _accuracy(self, images: Tensor, labels: Tensor, pgd_steps: int) -> tuple[float, float]:
+        """Clean and PGD-`pgd_steps` accuracy (step 2/255, random start, fixed seed), sharded over ranks."""
+        shard = slice(self.proc.rank, None, self.proc.world_size)
+        images, labels = images[shard], labels[shard]
+        kwargs = dict(batch_size=self.config.eval_batch_size, precision=self.config.precision)
+        clean = correct_under_attack(self.net, images, labels, **kwargs)
+        robust = clean
+        if pgd_steps:
+            generator = torch.Generator(self.device).manual_seed(self.config.seed + self.proc.rank)
+            attack = pgd(self.config.eps, 2 / 255, pgd_steps, random_start=True)
+            robust = clean & correct_under_attack(self.net, images, labels, attack, generator=generator, **kwargs)
+        counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64,
+                              device=self.device)
+        n_clean, n_robust, n = dist.all_reduce_sum(counts, self.proc).tolist()
+        if n == 0:
+            return float("nan"), float("nan")
+        return n_clean / n, (n_robust / n if pgd_steps else float("nan"))
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _end_epoch(self) -> None:
         config, state = self.config, self.state
+        epoch = state.epoch
         eval_watch = Stopwatch(self.device)
         with eval_watch.running():
-            val_clean, val_robust = clean_and_pgd(
-                self.net, self.data.val.images, self.data.val.labels, config.eps, config.val_pgd_steps,
-                batch_size=config.eval_batch_size, precision=config.precision, seed=config.seed)
-        steps = int(self.state.epoch_sums.get("count", 0))
+            val_clean, val_robust = self._accuracy(self.data.val.images, self.data.val.labels, config.val_pgd_steps)
+        keys = sorted(k for k in state.epoch_sums if k not in ("count", "nonfinite"))
+        totals = torch.tensor([float(state.epoch_sums.get("count", 0))] + [float(state.epoch_sums[k]) for k in keys],
+                              dtype=torch.float64, device=self.device)
+        totals = dist.all_reduce_sum(totals, self.proc).tolist()
+        steps = len(self.loader) - state.skipped_steps
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_seconds": state.epoch_seconds,
             "total_train_seconds": state.train_seconds,
-            "images_per_second": steps * config.batch_size / max(state.epoch_seconds, 1e-9),
+            "images_per_second": len(self.loader) * config.batch_size / max(state.epoch_seconds, 1e-9),
             "val_clean_acc": val_clean,
             f"val_pgd{config.val_pgd_steps}_acc": val_robust,
             "val_examples": len(self.data.val),
             "eval_seconds": eval_watch.seconds,
             "skipped_steps": state.skipped_steps,
         }
-        row.update({f"train_{k}": self._mean(k) for k in self.state.epoch_sums if k not in ("count", "nonfinite")})
+        row.update({f"train_{k}": total / max(totals[0], 1) for k, total in zip(keys, totals[1:])})
         state.metrics.append(row)
         score = val_robust if val_robust == val_robust else val_clean  # NaN when no PGD / empty split
         improved = score > state.best_val_robust
         if improved:
             state.best_val_robust, state.best_epoch = score, epoch + 1
         state.epoch, state.step_in_epoch = epoch + 1, 0
-        checkpoint.save(self.run_dir / "last.pt", self._model_file(epoch + 1))
-        if improved:
-            shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
-            (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
-        checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", state.metrics)
+        if self.proc.is_main:
+            checkpoint.save(self.run_dir / "last.pt", self._model_file(epoch + 1))
+            if improved:
+                shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
+                (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
+            checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", state.metrics)
         self._save_checkpoint()
-        print(f"epoch {epoch + 1}/{config.epochs}  loss {row.get('train_loss', float('nan')):.4f}  "
-              f"val clean {val_clean:.4f}  val pgd{config.val_pgd_steps} {val_robust:.4f}  "
-              f"train {state.epoch_seconds:.1f}s  ({row['images_per_second']:.0f} img/s)", flush=True)
+        if self.proc.is_main:
+            print(f"epoch {epoch + 1}/{config.epochs}  loss {row.get('train_loss', float('nan')):.4f}  "
+                  f"val clean {val_clean:.4f}  val pgd{config.val_pgd_steps} {val_robust:.4f}  "
+                  f"train {state.epoch_seconds:.1f}s  ({row['images_per_second']:.0f} img/s)  "
+                  f"[{steps} steps]", flush=True)
 
     def _finish(self) -> dict[str, Any]:
         """Clean and PGD-20 test accuracy of the last and best models; writes summary.json."""
-        config = self.config
-        test = self.data.test
+        config, test = self.config, self.data.test
+        dist.barrier(self.proc)  # rank 0 has written last.pt and best.pt
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "method": config.method, "arch": config.arch,
                                    "dataset": config.dataset, "eps": config.eps, "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
-                                   "test_examples": len(test)}
+                                   "test_examples": len(test), "processes": self.proc.world_size}
         for which in ("last", "best"):
             saved = checkpoint.load(self.run_dir / f"{which}.pt", map_location=self.device)
             checkpoint.load_state_into(self.net, saved["model"], f"{which}.pt")
-            clean, robust = clean_and_pgd(self.net, test.images, test.labels, config.eps, 20,
-                                          batch_size=config.eval_batch_size, precision=config.precision,
-                                          seed=config.seed)
+            clean, robust = self._accuracy(test.images, test.labels, 20)
             results[which] = {"epoch": saved["meta"]["epoch"], "clean_acc": clean, "pgd20_acc": robust}
-        checkpoint.atomic_write_json(self.run_dir / "summary.json", results)
+        if self.proc.is_main:
+            checkpoint.atomic_write_json(self.run_dir / "summary.json", results)
         return results
 
 

@@ -1,5 +1,6 @@
 """Model registry: every model takes [0, 1] images and holds its normalisation inside."""
 
+import functools
 from collections.abc import Callable, Sequence
 
 from torch import nn
@@ -13,6 +14,7 @@ from backsmooth.models.wide_resnet import WideResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
+    "small_cnn_gn": functools.partial(SmallCNN, norm="group"),
     "resnet18": ResNet18,
     "preact_resnet18": PreActResNet18,
     "wrn34_10": WideResNet,

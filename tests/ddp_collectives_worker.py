@@ -1,0 +1,48 @@
+"""Run under torchrun (2 CPU processes, gloo): count the collectives one training step of each method makes.
+
+Gradient all-reduces are counted with a DDP communication hook (called once per bucket), buffer
+broadcasts by wrapping DDP's coalesced broadcast. Rank 0 writes the counts as JSON to argv[1].
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from backsmooth import methods, models
+from backsmooth.train import training_step
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+counts = {}
+for name in methods.names():
+    torch.manual_seed(0)
+    net = models.build("small_cnn", 10)
+    ddp = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=1)
+    calls = {"allreduce": 0, "broadcast": 0}
+
+    def hook(state, bucket):
+        calls["allreduce"] += 1
+        return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    original = ddp._distributed_broadcast_coalesced
+
+    def counting_broadcast(*args, **kwargs):
+        calls["broadcast"] += 1
+        return original(*args, **kwargs)
+
+    ddp._distributed_broadcast_coalesced = counting_broadcast
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.rand(8, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    training_step(ddp, methods.build(name), optimizer, scaler, x, y, g, torch.device("cpu"))
+    counts[name] = calls
+if rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(counts, f)
+dist.destroy_process_group()
