@@ -1,0 +1,12 @@
+"""Datasets as uint8 tensors in memory, and a device-resident loader with batched augmentation.
+
+`load_dataset(name, data_dir)` reads one of `dataset_names()` and returns its train / validation /
+test splits (`DatasetSplits`); `DeviceLoader` serves shuffled, augmented batches of an `ArrayDataset`.
+See docs/data.md for the accepted files of every source.
+"""
+
+from backsmooth.data.dataset import ArrayDataset, DatasetSplits
+from backsmooth.data.load import dataset_names, load_dataset
+from backsmooth.data.loader import DeviceLoader
+
+__all__ = ["ArrayDataset", "DatasetSplits", "DeviceLoader", "dataset_names", "load_dataset"]

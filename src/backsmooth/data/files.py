@@ -1,0 +1,105 @@
+"""Low-level file formats shared by the readers: npz archives, encoded images, official pickles."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+from backsmooth.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+# what pickle.load may raise on a damaged or foreign file
+PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError)
+
+
+def load_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The `required` (and present `optional`) arrays of an npz file, read without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in required if key not in archive.files]
+            if missing:
+                raise DataError(f"{path} lacks the array(s) {', '.join(missing)}; "
+                                f"expected {', '.join(required)} (see docs/data.md)")
+            return {key: archive[key] for key in (*required, *optional) if key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} is not a readable npz file ({error}); replace it with a good copy") from error
+
+
+def decode_images(sources: Sequence[Path | bytes | memoryview], name_of: Callable[[int], str],
+                  size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode image files or encoded bytes (at least one) into one RGB uint8 array (N, 3, H, W).
+
+    Every image must have the same size: `size` (width, height) if given, else the first one's.
+    `name_of(i)` says which file or entry an error is about.
+    """
+    first = _decode(sources[0], name_of(0))
+    height, width = first.shape[:2]
+    if size is not None and (width, height) != size:
+        raise DataError(f"{name_of(0)} is {width}x{height} pixels, expected {size[0]}x{size[1]}; "
+                        f"check that the file belongs to this dataset")
+    out = np.empty((len(sources), 3, height, width), np.uint8)
+    out[0] = first.transpose(2, 0, 1)
+    for i in range(1, len(sources)):
+        pixels = _decode(sources[i], name_of(i))
+        if pixels.shape != first.shape:
+            raise DataError(f"all images must share one size: {name_of(0)} is {width}x{height} but {name_of(i)} is "
+                            f"{pixels.shape[1]}x{pixels.shape[0]}; resize the images first")
+        out[i] = pixels.transpose(2, 0, 1)
+    return out
+
+
+def _decode(source: Path | bytes | memoryview, name: str) -> np.ndarray:
+    """One image as RGB uint8 (H, W, 3); grayscale and palette images are converted."""
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{name} is not a readable image ({error}); replace or remove it") from error
+
+
+def decode_jpeg_npz(path: Path, size: tuple[int, int], extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Decode an npz of concatenated JPEG files (`jpeg`, `offsets`, `y`) into `x` (N, 3, H, W) and `y`.
+
+    The `extra` arrays present in the file (class names and the like) are passed through.
+    """
+    arrays = load_npz(path, ("jpeg", "offsets", "y"), extra)
+    blob, offsets = arrays.pop("jpeg"), arrays.pop("offsets")
+    if (blob.dtype != np.uint8 or blob.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer)
+            or offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(blob)
+            or np.any(np.diff(offsets) <= 0)):
+        raise DataError(f"{path} is malformed: `jpeg` must be uint8 bytes and `offsets` N+1 increasing positions "
+                        f"from 0 to len(jpeg); rebuild the file (see docs/data.md)")
+    view = memoryview(blob)
+    sources = [view[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    arrays["x"] = decode_images(sources, lambda i: f"image {i} of {path}", size)
+    return arrays
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by suffix, any case) directly inside `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the official CIFAR batches (dicts, lists, bytes, numpy arrays) and refuses anything else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+
+
+def unpickle(file: IO[bytes]) -> Any:
+    """Load one official CIFAR pickle (Python 2 format, so byte-string keys); see _ArrayUnpickler."""
+    return _ArrayUnpickler(file, encoding="bytes").load()

@@ -1,0 +1,98 @@
+"""A loader that keeps the whole uint8 dataset on the training device and augments batches as tensor ops.
+
+No worker processes: shuffling is one permutation per epoch and augmentation is one gather per
+batch. Every random draw comes from a generator seeded by (seed, epoch) or (seed, epoch, step), so
+any step of any epoch can be reproduced on its own: resuming mid-epoch yields the same batches, and
+the shards of several ranks put together are exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from backsmooth.data.dataset import ArrayDataset
+from backsmooth.errors import DataError
+
+AUGMENTS = ("none", "flip", "crop_flip")
+CROP_PADDING = 4  # crop_flip: random crop from the image zero-padded by this many pixels on each side
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by hashing `parts`, so nearby (seed, epoch, step) tuples give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class DeviceLoader:
+    """Whole uint8 dataset on the training device; batched augmentation as tensor ops; no workers.
+
+    `batch_size` is the global batch: with `world_size` > 1, rank `rank` gets its contiguous share of
+    every global batch, so the union over ranks equals the batch a single process would see.
+    """
+
+    def __init__(self, data: ArrayDataset, batch_size: int, *, augment: str = "none", shuffle: bool = True,
+                 drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1) -> None:
+        if augment not in AUGMENTS:
+            raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENTS)}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size {batch_size}, "
+                            f"rank {rank}, world_size {world_size}")
+        if batch_size % world_size:
+            raise DataError(f"the global batch size {batch_size} must be divisible by the number of processes "
+                            f"({world_size}); choose a multiple of {world_size}")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches (x float32 in [0, 1] NCHW, y int64), both on the device, for steps start_step.. of `epoch`."""
+        n = len(self.labels)
+        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for step in range(start_step, len(self)):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            lo, hi = self._shard(len(batch))
+            mine = batch[lo:hi]
+            x = self._augmented(self.images.index_select(0, mine), len(batch), lo, hi, epoch, step)
+            yield x.float().div_(255), self.labels.index_select(0, mine)
+
+    def _shard(self, size: int) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
+        return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
+
+    def _augmented(self, x: torch.Tensor, size: int, lo: int, hi: int, epoch: int, step: int) -> torch.Tensor:
+        """Augment this rank's uint8 images x (rows lo..hi of a global batch of `size`) with one gather.
+
+        The random numbers are drawn for the whole global batch and then sliced, so they do not
+        depend on the number of ranks. Output pixel (i, j) is pixel (i + dy, j' + dx) of the image
+        padded by P zeros on each side, with j' = W - 1 - j if the image is flipped, else j.
+        """
+        if self.augment == "none":
+            return x
+        generator = _generator(self.seed, epoch, step)
+        flip = (torch.rand(size, generator=generator) < 0.5)[lo:hi].to(self.device)
+        pad = CROP_PADDING if self.augment == "crop_flip" else 0
+        offsets = torch.randint(0, 2 * pad + 1, (2, size), generator=generator)[:, lo:hi].to(self.device)
+        height, width = x.shape[2:]
+        if pad:
+            x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        n, channels, padded_height, padded_width = x.shape
+        arange = functools.partial(torch.arange, device=self.device)
+        rows = offsets[0, :, None] + arange(height)
+        columns = arange(width).expand(n, width)
+        columns = offsets[1, :, None] + torch.where(flip[:, None], width - 1 - columns, columns)
+        planes = (arange(n)[:, None] * channels + arange(channels)) * (padded_height * padded_width)  # (n, C) starts
+        index = planes[:, :, None, None] + rows[:, None, :, None] * padded_width + columns[:, None, None, :]
+        return x.flatten().index_select(0, index.flatten()).view(index.shape)  # flat gather: fast on CPU too
