@@ -30,7 +30,7 @@ def env() -> dict[str, str]:
 
 def train_args(out: Path, cache: Path, *extra: str) -> list[str]:
     return ["-m", "backsmooth", "train", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
-            "--val-pgd-steps", "1", "--device", "cpu", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+            "--val-pgd-steps", "1", "--final-eval-examples", "50", "--device", "cpu", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
             "--log-every", "2", *extra]
 
 

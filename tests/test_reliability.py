@@ -22,7 +22,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def train_command(out: Path, cache: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "backsmooth", "train", "--dataset", "synthetic", "--arch", "small_cnn",
             "--method", "backward_smoothing", "--epochs", "2", "--batch-size", "32", "--val-pgd-steps", "1",
-            "--checkpoint-every", "3", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
+            "--checkpoint-every", "3", "--final-eval-examples", "50", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -48,27 +48,43 @@ def reference_run(tmp_path_factory) -> tuple[Path, Path]:
     return base / "run", base / "cache"
 
 
+def _wait_for_new_checkpoint(out: Path, process: subprocess.Popen, after: float, timeout: float = 300) -> bool:
+    """True once checkpoint.pt is newer than `after`; False if the process ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "checkpoint.pt"
+        if path.exists() and path.stat().st_mtime > after:
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference_run, tmp_path):
+    """Kill -9 at a random moment after each new checkpoint (so every attempt makes progress), resume."""
     reference, cache = reference_run
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(12):
+    for attempt in range(30):
         command = train_command(out, cache, *(["--resume"] if attempt else []))
+        started = time.time()
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            process.wait(timeout=rng.uniform(2.5, 5.0))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            kills += 1
-            continue
+        if kills < 3 and _wait_for_new_checkpoint(out, process, started):
+            time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside the next steps, a save, or an evaluation
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                kills += 1
+                continue
+        process.wait(timeout=600)
         assert process.returncode == 0, process.stderr.read()
         break
     else:
         pytest.fail("training never finished")
-    assert kills >= 2, "the test must actually interrupt the run"
+    assert kills == 3, "the test must actually interrupt the run"
     assert_bitwise_equal(weights(out), weights(reference))
 
 
@@ -171,7 +187,7 @@ def workspace(tmp_path, reference_run):
         (existing / p.name).parent.mkdir(parents=True, exist_ok=True)
         (existing / p.name).write_bytes(p.read_bytes())
     (tmp_path / "bad_key.toml").write_text("epochz = 3\n")
-    (tmp_path / "bad_type.toml").write_text('epochs = "many"\n')
+    (tmp_path / "bad_type.toml").write_text('batch_size = "many"\n')
     (tmp_path / "broken.toml").write_text("epochs = \n")
     (tmp_path / "config.ini").write_text("[x]\n")
     (tmp_path / "truncated.pt").write_bytes((reference / "last.pt").read_bytes()[:1000])
@@ -211,7 +227,7 @@ BAD_INPUTS = [
     (T + ["--preset", "cifar10-resnet50-trades"], "unknown preset"),
     (T + ["--config", "{w}/missing.toml"], "not found"),
     (T + ["--config", "{w}/bad_key.toml"], "unknown config key 'epochz'"),
-    (T + ["--config", "{w}/bad_type.toml"], "epochs must be an integer"),
+    (T + ["--config", "{w}/bad_type.toml"], "batch_size must be an integer"),
     (T + ["--config", "{w}/broken.toml"], "cannot parse"),
     (T + ["--config", "{w}/config.ini"], "must end in .toml"),
     (T + ["--out", "{w}/existing"], "already holds a run"),

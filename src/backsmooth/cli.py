@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     print()
-    print(f"{'model':<6} {'epoch':>5} {'clean':>7} {'PGD-20':>7}   ({summary['test_examples']} test examples)")
+    print(f"{'model':<6} {'epoch':>5} {'clean':>7} {'PGD-20':>7}   ({summary['test_examples']} {summary['dataset']} "
+          f"test examples, eps {summary['eps']:.4f})")
     for which in ("last", "best"):
         r = summary[which]
         print(f"{which:<6} {r['epoch']:>5} {r['clean_acc']:>7.2%} {r['pgd20_acc']:>7.2%}")

@@ -55,6 +55,8 @@ class RunConfig:
     # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
     val_pgd_steps: int = 20
     eval_batch_size: int = 256
+    # after training: clean and PGD-20 of the last and best models on a stratified test subset (0: skip)
+    final_eval_examples: int = 1000
     # execution
     seed: int = 0
     device: str = "auto"
@@ -155,6 +157,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(c.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be one of stop, skip, got {c.on_nonfinite!r}")
     _require(c.val_size is None or c.val_size >= 0, f"val_size must be >= 0, got {c.val_size}")
     _require(c.val_pgd_steps >= 0, f"val_pgd_steps must be >= 0, got {c.val_pgd_steps}")
+    _require(c.final_eval_examples >= 0, f"final_eval_examples must be >= 0, got {c.final_eval_examples}")
     _require(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
     _require(c.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {c.checkpoint_every}")
     _require(c.dataset in ("digits", "synthetic") or c.data_dir is not None or c.download,

@@ -28,7 +28,7 @@ from backsmooth.attacks import pgd
 from backsmooth.config import RunConfig, validate
 from backsmooth.data import DatasetSplits, DeviceLoader, load_dataset
 from backsmooth.errors import BacksmoothError, CheckpointError, ConfigError
-from backsmooth.evaluation import correct_under_attack
+from backsmooth.evaluation import correct_under_attack, stratified_subset
 from backsmooth.runtime import Stopwatch, autocast
 from backsmooth.schedules import learning_rate
 
@@ -393,18 +393,24 @@ class Trainer:
                   f"[{steps} steps]", flush=True)
 
     def _finish(self) -> dict[str, Any]:
-        """Clean and PGD-20 test accuracy of the last and best models; writes summary.json."""
+        """Clean and PGD-20 accuracy of the last and best models on a stratified test subset; summary.json."""
         config, test = self.config, self.data.test
         dist.barrier(self.proc)  # rank 0 has written last.pt and best.pt
+        index = stratified_subset(test.labels, config.final_eval_examples, config.seed)
+        images, labels = test.images[index], test.labels[index]
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "method": config.method, "arch": config.arch,
                                    "dataset": config.dataset, "eps": config.eps, "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
-                                   "test_examples": len(test), "processes": self.proc.world_size}
+                                   "test_examples": len(index), "processes": self.proc.world_size}
         for which in ("last", "best"):
             saved = checkpoint.load(self.run_dir / f"{which}.pt", map_location=self.device)
+            epoch = saved["meta"]["epoch"]
+            if which == "best" and epoch == results["last"]["epoch"]:
+                results["best"] = results["last"]  # the same weights
+                continue
             checkpoint.load_state_into(self.net, saved["model"], f"{which}.pt")
-            clean, robust = self._accuracy(test.images, test.labels, 20)
-            results[which] = {"epoch": saved["meta"]["epoch"], "clean_acc": clean, "pgd20_acc": robust}
+            clean, robust = self._accuracy(images, labels, 20) if len(index) else (float("nan"), float("nan"))
+            results[which] = {"epoch": epoch, "clean_acc": clean, "pgd20_acc": robust}
         if self.proc.is_main:
             checkpoint.atomic_write_json(self.run_dir / "summary.json", results)
         return results
