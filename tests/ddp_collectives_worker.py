@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from backsmooth import methods, models
 from backsmooth.train import training_step
@@ -25,7 +26,7 @@ for name in methods.names():
 
     def hook(state, bucket):
         calls["allreduce"] += 1
-        return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
+        return allreduce_hook(None, bucket)
 
     ddp.register_comm_hook(None, hook)
     original = ddp._distributed_broadcast_coalesced

@@ -206,6 +206,9 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Everything the run depends on; collective under DDP (generator states come from every rank)."""
         generators = dist.gather_objects(self.generator.get_state(), self.proc)
+        # BatchNorm running statistics drift apart between DDP's buffer broadcasts, and the next
+        # attack reads them: keep every rank's own copy so a resumed run continues identically
+        buffers = dist.gather_objects({k: v.cpu() for k, v in self.net.named_buffers()}, self.proc)
         if not self.proc.is_main:
             return
         state = {
@@ -213,6 +216,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generators": generators,
+            "rank_buffers": buffers,
             "torch_rng": torch.get_rng_state(),
             "train_state": dataclasses.asdict(self.state),
         }
@@ -237,6 +241,9 @@ class Trainer:
                     raise ConfigError(f"{path} was written by {len(generators)} processes, this run has "
                                       f"{self.proc.world_size}; resume with the same number of processes")
                 checkpoint.load_state_into(self.net, saved["model"], str(path))
+                with torch.no_grad():
+                    for name, buffer in self.net.named_buffers():
+                        buffer.copy_(saved["rank_buffers"][self.proc.rank][name])
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.scaler.load_state_dict(saved["scaler"])
                 self.generator.set_state(generators[self.proc.rank].cpu())
