@@ -1,4 +1,4 @@
-"""`backsmooth train | eval | presets`: the command-line front end.
+"""`backsmooth train | eval | bench | report | presets`: the command-line front end.
 
 User mistakes print one line and exit with code 2; an interrupted run exits with code 75 after
 saving a checkpoint; a diverged run exits with code 3.
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from backsmooth.bench import add_bench_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="time every method's training step on one model and batch"))
+    from backsmooth.report import add_report_arguments
+
+    add_report_arguments(sub.add_parser("report", help="summary table and plots from run directories"))
     sub.add_parser("presets", help="list the named presets")
     return parser
 
@@ -145,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from backsmooth.bench import main_bench
 
             return main_bench(args)
+        if args.command == "report":
+            from backsmooth.report import main_report
+
+            return main_report(args)
         if args.command == "presets":
             return _presets()
         parser.print_help()
