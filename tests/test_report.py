@@ -1,0 +1,209 @@
+"""`backsmooth report` on fake run directories written with the project's own writers (no training)."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from backsmooth import cli
+from backsmooth.checkpoint import atomic_write_json, write_jsonl
+from backsmooth.config import RunConfig
+from backsmooth.errors import BacksmoothError, DataError
+from backsmooth.evaluation import evaluate, model_info
+from backsmooth.report import CIFAR10_NOTE, PLOTS, build_report, run_labels
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def real_result() -> dict[str, Any]:
+    """A genuine `evaluate` result (tiny linear model, 12 examples) whose numbers the tests then set."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    return dict(evaluate(model, torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,)), 8 / 255, "pgd20,cw20",
+                         progress=False))
+
+
+def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = "resnet18",
+              epoch_seconds: tuple[float, ...] = (10.0, 10.0, 10.0), val_robust: tuple[float, ...] = (0.3, 0.4, 0.5),
+              val_clean: tuple[float, ...] = (0.6, 0.7, 0.8), summary: tuple[float, float] | None = (0.8, 0.45),
+              **config: Any) -> Path:
+    """config.json, metrics.jsonl and (optionally) summary.json as `backsmooth train` writes them."""
+    run = root / name
+    cfg = RunConfig(dataset="cifar10", arch=arch, method=method, seed=seed, epochs=3, batch_size=128, out=str(run),
+                    **config)
+    atomic_write_json(run / "config.json", cfg.to_dict())
+    rows, total = [], 0.0
+    for epoch, (seconds, robust, clean) in enumerate(zip(epoch_seconds, val_robust, val_clean), 1):
+        total += seconds
+        rows.append(dict(epoch=epoch, lr=0.1, train_seconds=seconds, total_train_seconds=total,
+                         images_per_second=1000 / seconds, val_clean_acc=clean, val_pgd20_acc=robust,
+                         val_examples=200, eval_seconds=1.0, skipped_steps=0, train_loss=1.0))
+    write_jsonl(run / "metrics.jsonl", rows)
+    if summary is not None:
+        best = dict(epoch=len(rows), clean_acc=summary[0], pgd20_acc=summary[1])
+        atomic_write_json(run / "summary.json", dict(
+            run_dir=str(run), method=method, arch=arch, dataset="cifar10", eps=cfg.eps, epochs=3, train_seconds=total,
+            best_epoch=len(rows), test_examples=1000, processes=1, best=best, last=best))
+    return run
+
+
+def write_eval(run: Path, name: str, result: dict[str, Any], which: str, clean: float,
+               per_attack: dict[str, float]) -> None:
+    """eval-NAME.json as `backsmooth eval` writes it, with the given accuracies."""
+    result = copy.deepcopy(result)
+    result.update(clean_acc=clean, per_attack=per_attack, robust_acc=min(per_attack.values()), n_examples=1000)
+    if "autoattack-apgd" in per_attack:
+        result["attacks"] = {"autoattack-apgd": dict(robust_acc=per_attack["autoattack-apgd"], settings=dict(
+            kind="autoattack", eps=8 / 255, norm="Linf", version="standard", components=["apgd-ce", "apgd-t"]))}
+    extra = dict(checkpoint=dict(path=str(run / f"{which}.pt"), method="backward_smoothing", epoch=3),
+                 subset=dict(n_examples=1000, test_size=10000, seed=0, stratified=True))
+    atomic_write_json(run / f"eval-{name}.json", model_info(result, name, "resnet18", "cifar10", extra))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, real_result) -> list[Path]:
+    """TRADES (default 10 steps), two seeds of Backward Smoothing (one evaluated), an unfinished PGD-AT."""
+    root = tmp_path_factory.mktemp("runs")
+    trades = write_run(root, "trades", method="trades", epoch_seconds=(30.0, 20.0, 20.0))
+    bs0 = write_run(root, "bs0", method="backward_smoothing", seed=0, epoch_seconds=(12.0, 5.0, 5.0))
+    write_eval(bs0, "best", real_result, "best", 0.82, {"pgd20": 0.50, "cw20": 0.48})
+    write_eval(bs0, "best-aa", real_result, "best", 0.82, {"autoattack-apgd": 0.46})
+    write_eval(bs0, "last", real_result, "last", 0.81, {"pgd20": 0.49, "cw20": 0.47})
+    bs1 = write_run(root, "bs1", method="backward_smoothing", seed=1, epoch_seconds=(7.0, 7.0, 8.0),
+                    summary=(0.84, 0.52))
+    pgd = write_run(root, "pgd", method="pgd_at", arch="wrn34_10", epoch_seconds=(100.0, 200.0),
+                    val_robust=(0.3, 0.4), val_clean=(0.6, 0.7), summary=None)
+    return [trades, bs0, bs1, pgd]
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    return build_report(runs, tmp_path_factory.mktemp("report") / "out")
+
+
+def markdown_table(text: str, first_column: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The Markdown table whose header starts with `first_column`, keyed by its first two cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        rows[(cells[header[0]], cells[header[1]])] = cells
+    return rows
+
+
+def test_main_table_values(report):
+    text = report.read_text()
+    rows = markdown_table(text, "run")
+    assert list(rows) == [("trades", "best (epoch 3)"), ("backward_smoothing seed=0", "best (epoch 3)"),
+                          ("backward_smoothing seed=0", "last (epoch 3)"),
+                          ("backward_smoothing seed=1", "best (epoch 3)"), ("pgd_at", "best (epoch 2)")]
+    trades = rows["trades", "best (epoch 3)"]
+    assert (trades["method"], trades["arch"], trades["dataset"], trades["eps"], trades["epochs"]) == (
+        "trades", "resnet18", "cifar10", "8/255", "3")
+    assert (trades["clean"], trades["PGD-20"], trades["CW"], trades["AutoAttack"]) == ("80.00", "45.00", "n/a", "n/a")
+    assert (trades["examples"], trades["train time"], trades["time/epoch"], trades["vs TRADES-10"]) == (
+        "1000", "1m 10s", "20.0 s", "1.00x")
+    assert trades["source"] == "summary.json"
+    best = rows["backward_smoothing seed=0", "best (epoch 3)"]  # two eval files of best.pt merged
+    assert (best["clean"], best["PGD-20"], best["CW"]) == ("82.00", "50.00", "48.00")
+    assert best["AutoAttack"] == "46.00 (APGD-CE + APGD-T)"
+    assert best["source"] == "eval-best-aa.json, eval-best.json"
+    assert (best["train time"], best["time/epoch"], best["vs TRADES-10"]) == ("22.0 s", "5.0 s", "0.25x")
+    last = rows["backward_smoothing seed=0", "last (epoch 3)"]
+    assert (last["clean"], last["PGD-20"], last["CW"], last["AutoAttack"]) == ("81.00", "49.00", "47.00", "n/a")
+    assert rows["backward_smoothing seed=1", "best (epoch 3)"]["vs TRADES-10"] == "0.35x"
+    pgd = rows["pgd_at", "best (epoch 2)"]  # unfinished, no TRADES-10 with wrn34_10: validation numbers, n/a
+    assert (pgd["epochs"], pgd["clean"], pgd["PGD-20"], pgd["examples"]) == ("2/3", "70.00", "40.00", "200 val")
+    assert (pgd["train time"], pgd["time/epoch"], pgd["vs TRADES-10"]) == ("5m 00s", "2m 30s", "n/a")
+    assert "cifar10 with resnet18, wrn34_10: 1000 test examples" in text and "200 validation examples" in text
+    assert CIFAR10_NOTE in text
+
+
+def test_seeds_are_aggregated(report):
+    groups = markdown_table(report.read_text(), "runs")
+    assert list(groups) == [("backward_smoothing", "best")]  # last.pt was evaluated for one seed only
+    group = groups["backward_smoothing", "best"]
+    assert (group["n"], group["seeds"]) == ("2", "0, 1")
+    assert (group["clean"], group["PGD-20"]) == ("83.00 ± 1.41", "51.00 ± 1.41")
+    assert (group["CW"], group["AutoAttack"]) == ("n/a", "n/a")  # seed 1 has no eval file
+    assert (group["time/epoch"], group["vs TRADES-10"]) == ("6.0 s ± 1.4 s", "0.30 ± 0.07")
+    assert group["source"] == "eval + test"
+
+
+def test_plots_are_pngs_linked_from_the_report(report):
+    text = report.read_text()
+    for name in PLOTS:
+        assert (report.parent / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in text
+
+
+def test_report_json_holds_the_rows(report, runs):
+    data = json.loads((report.parent / "report.json").read_text())
+    assert data["runs"] == [str(r) for r in runs] and data["plots"] == list(PLOTS)
+    assert len(data["rows"]) == 5
+    best = data["rows"][1]
+    assert (best["run_dir"], best["checkpoint"], best["source_kind"]) == (str(runs[1]), "best", "eval")
+    assert best["per_attack"] == {"pgd20": 0.50, "cw20": 0.48, "autoattack-apgd": 0.46}
+    assert (best["autoattack_variant"], best["cw_attack"], best["n_examples"]) == ("APGD-CE + APGD-T", "cw20", 1000)
+    assert best["relative_to_trades10"] == pytest.approx(0.25) and best["seconds_per_epoch"] == 5.0
+    assert data["rows"][4]["relative_to_trades10"] is None and data["rows"][0]["cw_acc"] is None
+    (group,) = data["seed_groups"]
+    assert group["clean_acc"] == pytest.approx(dict(mean=0.83, std=2 ** 0.5 / 100))
+    assert group["cw_acc"] is None and group["seeds"] == [0, 1]
+
+
+def test_only_trades_with_ten_steps_is_the_reference(tmp_path):
+    trades5 = write_run(tmp_path, "trades5", method="trades", steps=5)
+    bs = write_run(tmp_path, "bs", method="backward_smoothing")
+    rows = markdown_table(build_report([trades5, bs], tmp_path / "out").read_text(), "run")
+    assert {row["vs TRADES-10"] for row in rows.values()} == {"n/a"}
+
+
+def test_labels_name_the_settings_that_differ():
+    base = RunConfig(method="backward_smoothing").to_dict()
+    configs = [dict(base, gamma=1.0, seed=0), dict(base, gamma=2.0, seed=0), dict(base, gamma=2.0, seed=1),
+               dict(base, method="trades", seed=5)]
+    assert run_labels(configs) == ["backward_smoothing gamma=1 seed=0", "backward_smoothing gamma=2 seed=0",
+                                   "backward_smoothing gamma=2 seed=1", "trades"]
+    assert run_labels(configs, with_seed=False)[1:3] == ["backward_smoothing gamma=2"] * 2
+
+
+def test_bad_run_directories_are_one_line_errors(tmp_path, runs):
+    with pytest.raises(DataError, match="run directory .*missing not found"):
+        build_report([tmp_path / "missing"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    atomic_write_json(tmp_path / "empty" / "config.json", RunConfig().to_dict())
+    with pytest.raises(DataError, match="has no metrics.jsonl"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"epoch": 1, "train_seconds": 1.0, "total_tr\n')
+    with pytest.raises(DataError, match="metrics.jsonl line 1 is not valid JSON"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(BacksmoothError, match="given twice"):
+        build_report([runs[0], runs[0]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_matplotlib_is_a_one_line_hint(tmp_path, runs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    with pytest.raises(BacksmoothError, match=r"plots need matplotlib: pip install 'backsmooth\[report\]'"):
+        build_report(runs[:1], tmp_path / "out")
+    assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_cli(tmp_path, runs, capsys):
+    assert cli.main(["report", str(runs[0]), str(runs[2]), "--out", str(tmp_path / "out")]) == 0
+    assert f"wrote {tmp_path / 'out' / 'report.md'}" in capsys.readouterr().out
+    assert (tmp_path / "out" / "report.json").exists()
+    assert cli.main(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: run directory") and "nope not found" in err
