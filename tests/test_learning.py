@@ -1,0 +1,34 @@
+"""Learning on real data (scikit-learn's handwritten digits): Backward Smoothing buys robustness.
+
+Training natural, Backward Smoothing and TRADES-10 with the same CPU preset (small_cnn, eps 0.1,
+8 epochs) must show what the paper claims at small scale: PGD-20 robust accuracy far above natural
+training's and close to TRADES-10's.
+"""
+
+import pytest
+
+from backsmooth.config import from_mapping, preset
+from backsmooth.train import train
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("learning")
+    summaries = {}
+    for method in ("natural", "backward_smoothing", "trades"):
+        config = from_mapping(dict(preset(f"cpu-digits-{method}"), epochs=8, val_pgd_steps=0,
+                                   final_eval_examples=400, out=str(base / method)))
+        summaries[method] = train(config, progress=False)["last"]
+    return summaries
+
+
+def test_backward_smoothing_is_far_more_robust_than_natural_training(results):
+    assert results["natural"]["clean_acc"] > 0.95  # the task is learnt
+    assert results["backward_smoothing"]["pgd20_acc"] > results["natural"]["pgd20_acc"] + 0.15
+
+
+def test_backward_smoothing_is_close_to_trades(results):
+    assert results["backward_smoothing"]["pgd20_acc"] > results["trades"]["pgd20_acc"] - 0.05
+    assert results["backward_smoothing"]["clean_acc"] > 0.9
