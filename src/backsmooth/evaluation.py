@@ -256,9 +256,9 @@ def result_checks(specs: Sequence[AttackSpec], clean_acc: float, per_attack: dic
         rise = per_attack[many.name] - per_attack[few.name]
         checks.append(Check("more_steps_higher_accuracy", rise > MORE_STEPS_TOLERANCE, 100 * rise,
                             100 * MORE_STEPS_TOLERANCE,
-                            f"{many.name} leaves {100 * rise:.2f} points more accuracy than {few.name}: "
-                            f"more steps should never help the model" + ("" if rise > MORE_STEPS_TOLERANCE else
-                                                                         " (within tolerance)")))
+                            f"{many.name} minus {few.name}: {100 * rise:+.2f} points"
+                            + (": more steps raised robust accuracy, the attack is not converging (masking?)"
+                               if rise > MORE_STEPS_TOLERANCE else " (more steps did not help the model)")))
     fgsm_specs = [s for s in specs if s.kind == "fgsm"]
     pgd_specs = [s for s in specs if s.kind == "pgd"]
     if fgsm_specs and pgd_specs:
