@@ -24,6 +24,7 @@ from backsmooth.checkpoint import atomic_write_json
 from backsmooth.config import PRECISIONS, parse_number
 from backsmooth.data import ArrayDataset, DeviceLoader
 from backsmooth.errors import ConfigError
+from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, TrainingMethod
 from backsmooth.runtime import resolve_device, synchronize
 from backsmooth.train import training_step
@@ -34,16 +35,12 @@ FLOOR_F = {"natural": 3, "pgd_at": 23, "trades": 27, "fgsm_rs": 5, "fast_trades"
 
 
 @dataclasses.dataclass(frozen=True)
-class TRADESReference(TrainingMethod):
+class TRADESReference(TRADES):
     """TRADES-10 with the reference code's pass structure, for timing only: each attack step runs the
     clean forward again beside the adversarial one, and the loss runs the clean forward twice."""
 
     name = "trades_reference"
     summary = "benchmark only: TRADES-10 as the reference code computes it (about 40F)"
-    eps: float = 8 / 255
-    alpha: float = 0.007
-    steps: int = 10
-    beta: float = 6.0
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:

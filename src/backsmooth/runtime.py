@@ -12,12 +12,17 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present; an unavailable device is a clear error, not a crash later."""
+    """'auto' picks CUDA when present; an unavailable device is a clear error, not a crash later.
+
+    On CUDA, cuDNN autotuning is switched on (fixed shapes: each layer's fastest kernel is found once).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} requested but CUDA is not available; use --device cpu or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} requested but CUDA is not available; use --device cpu or auto")
+        torch.backends.cudnn.benchmark = True
     return device
 
 

@@ -42,4 +42,5 @@ def build(name: str, **hyperparameters: Any) -> TrainingMethod:
     return cls(**hyperparameters)
 
 
-__all__ = ["build", "names", "method_class", "Stats", "TrainingMethod"]
+__all__ = ["build", "names", "method_class", "Stats", "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES",
+           "PGDAT", "FGSMRS", "GradAlign", "Natural"]
