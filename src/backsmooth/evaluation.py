@@ -411,6 +411,7 @@ class _Run:
         first = next(iter(model.parameters()), next(iter(model.buffers()), None))
         self.device = first.device if first is not None else torch.device("cpu")
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.num_classes = predict_eval(model, to_unit_float(x[:1], self.device)).shape[1]
         self.fingerprint = dict(settings, n_examples=len(y), model=_digest(sorted(model.state_dict().items())),
                                 data=_digest([("x", x), ("y", y)]))
         self.n_batches = -(-len(y) // batch_size)
@@ -482,17 +483,14 @@ def _engine_batch(run: _Run, spec: AttackSpec, attack: Perturbation) -> BatchFn:
 
 def _autoattack_batch(run: _Run, component: str, before: Tensor, messages: list[str]) -> BatchFn:
     """Robust after `component`, run on the batch's points still robust `before` it (clean or earlier components)."""
-    num_classes: list[int] = []
 
     def batch(x: Tensor, y: Tensor, b: int, key: slice) -> Tensor:
         robust = before[key].to(x.device, copy=True)
         todo = robust.nonzero().squeeze(1)
         if len(todo):
-            if not num_classes:
-                num_classes.append(predict_eval(run.model, x[:1]).shape[1])
             robust[todo] = autoattack_adapter.run_component(
                 run.model, component, x[todo], y[todo], run.fingerprint["eps"],
-                _derived_seed(run.seed, component, b), num_classes[0], messages)
+                _derived_seed(run.seed, component, b), run.num_classes, messages)
         return robust
 
     return batch
@@ -590,9 +588,16 @@ def main_eval(args: argparse.Namespace) -> int:
     print(f"{meta['path']}: {meta['arch']}" + (f" trained with {meta['method']}" if "method" in meta else "")
           + f"; {len(index)} of {len(test.labels)} {dataset} test examples (stratified, seed {args.seed}); "
             f"eps {eps_text(eps)} = {eps:.4f}", flush=True)
-    result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], args.batch_size,
-                      seed=args.seed, step_size=step_size, state_path=state_path, restart=args.restart,
-                      progress=False if args.no_progress else None)
+    try:
+        result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs],
+                          args.batch_size, seed=args.seed, step_size=step_size, state_path=state_path,
+                          restart=args.restart, progress=False if args.no_progress else None)
+    except KeyboardInterrupt:
+        from backsmooth.train import EXIT_INTERRUPTED
+
+        print(f"interrupted: finished batches are saved in {state_path}; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result["batches"]["resumed"]:
         print(f"resumed {state_path.name}: {result['batches']['resumed']} of {result['batches']['total']} batches "
               f"were already done")
