@@ -207,7 +207,13 @@ def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), b
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the processor model here
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu} CPU ({torch.get_num_threads()} threads)"
 
 
 def format_table(result: dict[str, Any]) -> str:
