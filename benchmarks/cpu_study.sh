@@ -25,7 +25,7 @@ run() {  # run NAME ARGS...: train (or resume) one run, then evaluate its best a
 
 case "$PART" in
   main)
-    for method in natural fgsm_rs fast_trades backward_smoothing gradalign pgd_at trades; do
+    for method in backward_smoothing trades fast_trades fgsm_rs natural pgd_at gradalign; do
       run "$method" --method "$method"
     done ;;
   seeds)

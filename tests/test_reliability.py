@@ -1,6 +1,8 @@
 """Interruption, exact resume, atomic files, safe loading and one-line errors for bad input."""
 
 import hashlib
+import json
+import math
 import os
 import pickle
 import random
@@ -261,3 +263,55 @@ def test_bad_input_gives_one_line_exit_2_and_changes_nothing(workspace, argv, me
     assert message.replace("{w}", str(folder)) in lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert _snapshot(folder) == before
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+def _poisoned_natural(bad_steps: set[int]):
+    """A natural-training loss that turns NaN at the given (0-based) call numbers."""
+    from backsmooth.methods import Natural
+
+    calls = {"n": 0}
+
+    class Poisoned(Natural):
+        def __call__(self, model, x, y, generator=None, stats=None):
+            loss = super().__call__(model, x, y, generator, stats)
+            step, calls["n"] = calls["n"], calls["n"] + 1
+            return loss * float("nan") if step in bad_steps else loss
+
+    return Poisoned()
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from backsmooth import methods
+    from backsmooth.config import from_mapping
+    from backsmooth.train import TrainingDiverged, train
+
+    steps_per_epoch = 450 // 32
+    monkeypatch.setattr(methods, "build", lambda name, **kw: _poisoned_natural({steps_per_epoch + 3}))
+    config = from_mapping(dict(dataset="synthetic", method="natural", epochs=3, batch_size=32, val_pgd_steps=1,
+                               final_eval_examples=0, log_every=5, out=str(tmp_path / "run"),
+                               cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(TrainingDiverged, match="non-finite in epoch 2.*last good checkpoint"):
+        train(config, progress=False)
+    saved = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert saved["train_state"]["epoch"] == 1 and saved["train_state"]["step_in_epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
+    from backsmooth import methods
+    from backsmooth.config import from_mapping
+    from backsmooth.train import train
+
+    monkeypatch.setattr(methods, "build", lambda name, **kw: _poisoned_natural({2, 5}))
+    config = from_mapping(dict(dataset="synthetic", method="natural", epochs=1, batch_size=32, val_pgd_steps=1,
+                               final_eval_examples=0, on_nonfinite="skip", out=str(tmp_path / "run"),
+                               cache_dir=str(tmp_path / "cache")))
+    train(config, progress=False)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["skipped_steps"] == 2 and math.isfinite(row["train_loss"])
+    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

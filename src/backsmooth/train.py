@@ -185,6 +185,7 @@ class Trainer:
         # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + 1_000_003 * self.proc.rank)
         self.state = TrainState()
+        self.compile_warmup_seconds = 0.0  # first step's time with --compile (excluded from training time)
         if self.proc.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for name in stale:
@@ -286,6 +287,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._step(x, y)
+            if self.config.compile and not self.compile_warmup_seconds:
+                # the first step compiles every graph a step uses: keep that out of the training time
+                self.compile_warmup_seconds = watch.stop()
+                watch.seconds = 0.0
+                watch.start()
             state.step_in_epoch += 1
             state.global_step += 1
             bar.update()
@@ -379,6 +385,8 @@ class Trainer:
             "eval_seconds": eval_watch.seconds,
             "skipped_steps": state.skipped_steps,
         }
+        if config.compile:
+            row["compile_warmup_seconds"] = self.compile_warmup_seconds
         row.update({f"train_{k}": total / max(totals[0], 1) for k, total in zip(keys, totals[1:])})
         state.metrics.append(row)
         score = val_robust if val_robust == val_robust else val_clean  # NaN when no PGD / empty split
