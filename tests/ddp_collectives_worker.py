@@ -46,4 +46,5 @@ for name in methods.names():
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(counts, f)
+dist.barrier()  # both ranks finished before the process group is torn down
 dist.destroy_process_group()
