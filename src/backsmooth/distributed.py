@@ -79,3 +79,10 @@ def broadcast_object(obj: Any, info: ProcessInfo) -> Any:
 def barrier(info: ProcessInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def shutdown(info: ProcessInfo) -> None:
+    """Wait for every rank, then tear the process group down (a clean exit code under torchrun)."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

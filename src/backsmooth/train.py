@@ -434,4 +434,7 @@ class Trainer:
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None) -> dict[str, Any]:
     """Train according to `config`; returns the summary (also written to RUN_DIR/summary.json)."""
-    return Trainer(config, resume=resume, overwrite=overwrite, progress=progress).run()
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
+    summary = trainer.run()
+    dist.shutdown(trainer.proc)
+    return summary
