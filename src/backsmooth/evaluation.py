@@ -56,20 +56,6 @@ def correct_under_attack(model: nn.Module, images: Tensor, labels: Tensor, attac
     return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
-def clean_and_pgd(model: nn.Module, images: Tensor, labels: Tensor, eps: float, steps: int = 20, *,
-                  batch_size: int = 256, precision: str = "fp32", seed: int = 0) -> tuple[float, float]:
-    """Clean and PGD-`steps` accuracy (step 2/255, random start, a fixed seed): the quick per-epoch check."""
-    device = next(model.parameters()).device
-    clean = correct_under_attack(model, images, labels, batch_size=batch_size, precision=precision)
-    if steps == 0 or len(labels) == 0:
-        return _mean(clean), float("nan")
-    generator = torch.Generator(device).manual_seed(seed)
-    attack = pgd(eps, 2 / 255, steps, random_start=True)
-    robust = correct_under_attack(model, images, labels, attack, batch_size=batch_size, precision=precision,
-                                  generator=generator)
-    return _mean(clean), _mean(robust & clean)
-
-
 def _mean(flags: Tensor) -> float:
     """The fraction of True flags, computed exactly (0.83, not float32's 0.8299999833)."""
     return int(flags.sum()) / len(flags) if len(flags) else float("nan")
@@ -622,7 +608,7 @@ def _check_fits(images: Tensor, labels: Tensor, meta: dict[str, Any], dataset: s
 
 __all__ = [
     "ATTACK_FORMS", "AttackSpec", "Check", "EvalResult", "add_eval_arguments", "check_eps_zero",
-    "check_nondeterminism", "check_probability_outputs", "check_zero_gradients", "clean_and_pgd",
+    "check_nondeterminism", "check_probability_outputs", "check_zero_gradients",
     "correct_under_attack", "eps_text", "evaluate", "format_table", "main_eval", "model_info", "parse_attack",
     "parse_attacks", "result_checks", "stratified_subset", "to_unit_float", "worst_case",
 ]
