@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The CPU-scale study of docs/reproduction.md on the CIFAR-10 copy in ../shared/data (JPEG-75).
-# Usage: benchmarks/cpu_study.sh PART [EPOCHS]   with PART = main | seeds | overfit | report
+# Usage: benchmarks/cpu_study.sh PART [EPOCHS]   with PART = main | seeds | overfit | autoattack | report
 # Each run writes runs/study/<part>/<name>/ and is skipped if it already finished (summary.json),
 # or resumed if it was interrupted, so the parts can be run in pieces.
 set -euo pipefail
-PART=${1:?usage: cpu_study.sh main|seeds|overfit|report [EPOCHS]}
+PART=${1:?usage: cpu_study.sh main|seeds|overfit|autoattack|report [EPOCHS]}
 EPOCHS=${2:-5}
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/study}
 EVAL_N=${EVAL_N:-1000}
+EVAL_WHICH=${EVAL_WHICH:-best last}   # which checkpoints `backsmooth eval` attacks
 COMMON=(--preset cpu-cifar10-natural --data-dir "$DATA" --epochs "$EPOCHS" --no-progress --checkpoint-every 100)
 
 run() {  # run NAME ARGS...: train (or resume) one run, then evaluate its best and last models
@@ -17,10 +18,16 @@ run() {  # run NAME ARGS...: train (or resume) one run, then evaluate its best a
     local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
     backsmooth train "${COMMON[@]}" "$@" --out "$dir" "${resume[@]}"
   fi
-  for which in best last; do
+  for which in $EVAL_WHICH; do
     [ -f "$dir/eval-$which.json" ] || backsmooth eval "$dir/$which.pt" --name "$which" --out "$dir" \
       --n-examples "$EVAL_N" --attacks "${ATTACKS:-pgd20,cw20}" --no-progress
   done
+}
+
+reuse_main() {  # reuse_main NAME METHOD: the main part's run of METHOD (seed 0, default settings) stands for NAME
+  local main="$OUT/main/$2" dir="$OUT/$PART/$1"
+  [ -f "$main/summary.json" ] && [ ! -e "$dir" ] && python -c "import json,sys; sys.exit(json.load(open('$main/config.json'))['epochs'] != $EPOCHS)" \
+    && mkdir -p "$OUT/$PART" && ln -s "../main/$2" "$dir" || true
 }
 
 case "$PART" in
@@ -28,19 +35,26 @@ case "$PART" in
     for method in backward_smoothing trades fast_trades fgsm_rs natural pgd_at gradalign; do
       run "$method" --method "$method"
     done ;;
-  seeds)
+  seeds)  # seed 0 is the main part's run when the epochs match; it is also gamma = 1 and beta = 10 (the defaults)
+    for method in backward_smoothing fast_trades fgsm_rs; do reuse_main "$method-seed0" "$method"; done
     for seed in 0 1 2; do
       for method in backward_smoothing fast_trades fgsm_rs; do
         run "$method-seed$seed" --method "$method" --seed "$seed"
       done
     done
-    for gamma in 0.25 1 4; do run "bs-gamma$gamma" --method backward_smoothing --gamma "$gamma"; done
-    for beta in 6 10; do run "bs-beta$beta" --method backward_smoothing --beta "$beta"; done ;;
+    for gamma in 0.25 4; do run "bs-gamma$gamma" --method backward_smoothing --gamma "$gamma"; done
+    run bs-beta6 --method backward_smoothing --beta 6 ;;
   overfit)
     for method in fgsm_rs backward_smoothing; do run "$method-eps16" --method "$method" --eps 16/255; done ;;
+  autoattack)  # the main part's last models: PGD-20, CW-20 and APGD-CE + APGD-T in one file (pointwise worst case)
+    for dir in "$OUT"/main/*/; do
+      [ -f "$dir/eval-last-aa.json" ] || backsmooth eval "$dir/last.pt" --name last-aa --out "$dir" \
+        --n-examples "$EVAL_N" --attacks pgd20,cw20,autoattack-apgd --no-progress
+    done ;;
   report)
     backsmooth report "$OUT"/main/* --out docs/results/study-main
-    [ -d "$OUT/seeds" ] && backsmooth report "$OUT"/seeds/* --out docs/results/study-seeds
+    # the main TRADES-10 run gives the seeds report its "vs TRADES-10" column
+    [ -d "$OUT/seeds" ] && backsmooth report "$OUT"/seeds/* "$OUT"/main/trades --out docs/results/study-seeds
     [ -d "$OUT/overfit" ] && backsmooth report "$OUT"/overfit/* --out docs/results/study-overfit ;;
-  *) echo "unknown part $PART (main, seeds, overfit, report)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (main, seeds, overfit, autoattack, report)" >&2; exit 2 ;;
 esac

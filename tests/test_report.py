@@ -54,10 +54,11 @@ def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = 
 
 
 def write_eval(run: Path, name: str, result: dict[str, Any], which: str, clean: float,
-               per_attack: dict[str, float]) -> None:
-    """eval-NAME.json as `backsmooth eval` writes it, with the given accuracies."""
+               per_attack: dict[str, float], robust: float | None = None) -> None:
+    """eval-NAME.json as `backsmooth eval` writes it, with the given accuracies (robust: the pointwise worst case)."""
     result = copy.deepcopy(result)
-    result.update(clean_acc=clean, per_attack=per_attack, robust_acc=min(per_attack.values()), n_examples=1000)
+    result.update(clean_acc=clean, per_attack=per_attack, n_examples=1000,
+                  robust_acc=min(per_attack.values()) if robust is None else robust)
     if "autoattack-apgd" in per_attack:
         result["attacks"] = {"autoattack-apgd": dict(robust_acc=per_attack["autoattack-apgd"], settings=dict(
             kind="autoattack", eps=8 / 255, norm="Linf", version="standard", components=["apgd-ce", "apgd-t"]))}
@@ -75,6 +76,8 @@ def runs(tmp_path_factory, real_result) -> list[Path]:
     write_eval(bs0, "best", real_result, "best", 0.82, {"pgd20": 0.50, "cw20": 0.48})
     write_eval(bs0, "best-aa", real_result, "best", 0.82, {"autoattack-apgd": 0.46})
     write_eval(bs0, "last", real_result, "last", 0.81, {"pgd20": 0.49, "cw20": 0.47})
+    write_eval(bs0, "last-all", real_result, "last", 0.81, {"pgd20": 0.49, "cw20": 0.47, "autoattack-apgd": 0.46},
+               robust=0.45)
     bs1 = write_run(root, "bs1", method="backward_smoothing", seed=1, epoch_seconds=(7.0, 7.0, 8.0),
                     summary=(0.84, 0.52))
     pgd = write_run(root, "pgd", method="pgd_at", arch="wrn34_10", epoch_seconds=(100.0, 200.0),
@@ -113,14 +116,17 @@ def test_main_table_values(report):
     assert (trades["clean"], trades["PGD-20"], trades["CW"], trades["AutoAttack"]) == ("80.00", "45.00", "n/a", "n/a")
     assert (trades["examples"], trades["train time"], trades["time/epoch"], trades["vs TRADES-10"]) == (
         "1000", "1m 10s", "20.0 s", "1.00x")
-    assert trades["source"] == "summary.json"
+    assert trades["source"] == "summary.json" and trades["worst case"] == "45.00"  # PGD-20 is its only attack
     best = rows["backward_smoothing seed=0", "best (epoch 3)"]  # two eval files of best.pt merged
     assert (best["clean"], best["PGD-20"], best["CW"]) == ("82.00", "50.00", "48.00")
     assert best["AutoAttack"] == "46.00 (APGD-CE + APGD-T)"
     assert best["source"] == "eval-best-aa.json, eval-best.json"
+    assert best["worst case"] == "<= 46.00"  # no file ran all three attacks: the lowest file result bounds it
     assert (best["train time"], best["time/epoch"], best["vs TRADES-10"]) == ("22.0 s", "5.0 s", "0.25x")
     last = rows["backward_smoothing seed=0", "last (epoch 3)"]
-    assert (last["clean"], last["PGD-20"], last["CW"], last["AutoAttack"]) == ("81.00", "49.00", "47.00", "n/a")
+    assert (last["clean"], last["PGD-20"], last["CW"]) == ("81.00", "49.00", "47.00")
+    assert last["AutoAttack"] == "46.00 (APGD-CE + APGD-T)"
+    assert last["worst case"] == "45.00"  # eval-last-all.json ran every attack of the row: its pointwise result
     assert rows["backward_smoothing seed=1", "best (epoch 3)"]["vs TRADES-10"] == "0.35x"
     pgd = rows["pgd_at", "best (epoch 2)"]  # unfinished, no TRADES-10 with wrn34_10: validation numbers, n/a
     assert (pgd["epochs"], pgd["clean"], pgd["PGD-20"], pgd["examples"]) == ("2/3", "70.00", "40.00", "200 val")
@@ -136,6 +142,7 @@ def test_seeds_are_aggregated(report):
     assert (group["n"], group["seeds"]) == ("2", "0, 1")
     assert (group["clean"], group["PGD-20"]) == ("83.00 ± 1.41", "51.00 ± 1.41")
     assert (group["CW"], group["AutoAttack"]) == ("n/a", "n/a")  # seed 1 has no eval file
+    assert group["worst case"] == "n/a"  # seed 0's is an upper bound only
     assert (group["time/epoch"], group["vs TRADES-10"]) == ("6.0 s ± 1.4 s", "0.30 ± 0.07")
     assert group["source"] == "eval + test"
 

@@ -29,8 +29,8 @@ CIFAR10_NOTE = ("CIFAR-10 results from ../shared/data use a JPEG-75 copy; absolu
                 "published ones by a few points.")
 MATPLOTLIB_HINT = "plots need matplotlib: pip install 'backsmooth[report]'"
 COLUMNS = ("run", "checkpoint", "method", "arch", "dataset", "eps", "epochs", "clean", "PGD-20", "CW", "AutoAttack",
-           "examples", "train time", "time/epoch", "vs TRADES-10", "source")
-GROUP_COLUMNS = ("runs", "checkpoint", "n", "seeds", "clean", "PGD-20", "CW", "AutoAttack", "time/epoch",
+           "worst case", "examples", "train time", "time/epoch", "vs TRADES-10", "source")
+GROUP_COLUMNS = ("runs", "checkpoint", "n", "seeds", "clean", "PGD-20", "CW", "AutoAttack", "worst case", "time/epoch",
                  "vs TRADES-10", "source")
 # config keys that do not change what a run computes: never in labels, ignored when grouping seeds
 IGNORED_KEYS = ("method", "out", "device", "data_dir", "cache_dir", "download", "log_every", "checkpoint_every",
@@ -200,10 +200,13 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
             entry = merged.setdefault((which, evaluation["eps"], evaluation["n_examples"], subset_seed), dict(
                 checkpoint=which, epoch=checkpoint.get("epoch"), eps=float(evaluation["eps"]),
                 clean_acc=_finite(evaluation["clean_acc"]), per_attack={}, attacks={},
-                n_examples=evaluation["n_examples"], source_kind="eval", sources=[]))
+                n_examples=evaluation["n_examples"], source_kind="eval", sources=[], files=[]))
             entry["per_attack"].update(evaluation["per_attack"])
             entry["attacks"].update(evaluation.get("attacks") or {})
             entry["sources"].append(name)
+            entry["files"].append((set(evaluation["per_attack"]), _finite(evaluation.get("robust_acc"))))
+        for entry in merged.values():
+            entry.update(_worst_case(entry.pop("files"), set(entry["per_attack"])))
         return sorted(merged.values(), key=lambda e: (_CHECKPOINT_ORDER.get(e["checkpoint"], 2), e["checkpoint"],
                                                       e["eps"], e["n_examples"]))
     eps = float(run.config["eps"])
@@ -211,7 +214,8 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
         best = run.summary["best"]
         return [dict(checkpoint="best", epoch=best.get("epoch"), eps=eps, clean_acc=_finite(best.get("clean_acc")),
                      per_attack={"pgd20": best.get("pgd20_acc")}, attacks={}, n_examples=run.summary["test_examples"],
-                     source_kind="test", sources=["summary.json"])]
+                     source_kind="test", sources=["summary.json"],
+                     **_worst_case([({"pgd20"}, _finite(best.get("pgd20_acc")))], {"pgd20"}))]
     # unfinished run: the epoch the trainer keeps as best.pt, on the validation split
     def score(row: dict[str, Any]) -> float:  # as the trainer: robust accuracy, clean when there is none
         robust = _finite(row.get(run.val_key))
@@ -220,7 +224,21 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
     row = max(run.metrics, key=score)  # the first of equals, as the trainer keeps
     return [dict(checkpoint="best", epoch=row["epoch"], eps=eps, clean_acc=_finite(row.get("val_clean_acc")),
                  per_attack={"pgd20": row.get("val_pgd20_acc")}, attacks={}, n_examples=row.get("val_examples"),
-                 source_kind="validation", sources=["metrics.jsonl (validation split)"])]
+                 source_kind="validation", sources=["metrics.jsonl (validation split)"],
+                 **_worst_case([({"pgd20"}, _finite(row.get("val_pgd20_acc")))], {"pgd20"}))]
+
+
+def _worst_case(files: Sequence[tuple[set[str], float | None]], attacks: set[str]) -> dict[str, Any]:
+    """Pointwise worst case over the row's attacks, read from a file that ran them all.
+
+    Without such a file (e.g. pgd20,cw20 in one and AutoAttack in another) the per-point flags are not
+    combined; the lowest file result is then an upper bound (worst_case_bound=True).
+    """
+    exact = [acc for ran, acc in files if ran >= attacks and acc is not None]
+    if exact:
+        return dict(worst_case_acc=min(exact), worst_case_bound=False, worst_case_attacks="+".join(sorted(attacks)))
+    known = [acc for _, acc in files if acc is not None]
+    return dict(worst_case_acc=min(known) if known else None, worst_case_bound=True, worst_case_attacks=None)
 
 
 def _trades10_seconds(run: RunData, runs: Sequence[RunData]) -> float | None:
@@ -254,8 +272,9 @@ def build_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return rows
 
 
+# statistic -> the attack name it depends on
 SEED_FIELDS = {"clean_acc": None, "pgd20_acc": None, "cw_acc": "cw_attack", "autoattack_acc": "autoattack_variant",
-               "seconds_per_epoch": None, "relative_to_trades10": None}  # statistic -> attack name it depends on
+               "worst_case_acc": "worst_case_attacks", "seconds_per_epoch": None, "relative_to_trades10": None}
 
 
 def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -263,7 +282,7 @@ def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Rows of the same checkpoint and eps are grouped whether their numbers come from eval files or
     summary.json (both are test subsets), never with validation-split rows. A statistic is None
-    unless every run has it, measured with the same attack.
+    unless every run has it, measured with the same attack (the worst case: with the same attacks, exactly).
     """
     by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -284,6 +303,8 @@ def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 group[attack] = next(iter(names)) if len(names) == 1 else None
             group[field] = (None if any(v is None for v in values) or len(names) > 1
                             else dict(mean=statistics.fmean(values), std=statistics.stdev(values)))
+        if any(m["worst_case_bound"] for m in members):  # a mean of upper bounds is not a worst case
+            group["worst_case_acc"] = None
         groups.append(group)
     return groups
 
@@ -327,6 +348,8 @@ def _row_cells(row: dict[str, Any]) -> list[str]:
             epochs, _percent(row["clean_acc"]), _percent(row["pgd20_acc"]),
             _with_name(_percent(row["cw_acc"]), row["cw_attack"], "cw20"),
             _with_name(_percent(row["autoattack_acc"]), row["autoattack_variant"], ""),
+            ("<= " if row["worst_case_bound"] and row["worst_case_acc"] is not None else "")
+            + _percent(row["worst_case_acc"]),
             examples, format_duration(row["train_seconds"]), format_duration(row["seconds_per_epoch"]),
             "n/a" if ratio is None else f"{ratio:.2f}x", ", ".join(row["sources"])]
 
@@ -341,6 +364,7 @@ def _group_cells(group: dict[str, Any]) -> list[str]:
             _mean_std(group["clean_acc"]), _mean_std(group["pgd20_acc"]),
             _with_name(_mean_std(group["cw_acc"]), group["cw_attack"], "cw20"),
             _with_name(_mean_std(group["autoattack_acc"]), group["autoattack_variant"], ""),
+            _mean_std(group["worst_case_acc"]),
             "n/a" if time is None else f"{format_duration(time['mean'])} ± {format_duration(time['std'])}",
             _mean_std(group["relative_to_trades10"], 1.0), " + ".join(group["source_kinds"])]
 
@@ -360,6 +384,8 @@ def notes(rows: Sequence[dict[str, Any]]) -> list[str]:
         "Data and models: " + "; ".join(parts) + ".",
         "Accuracies in %. CW and AutoAttack come from `backsmooth eval` (eval-*.json); runs without one show the "
         "PGD-20 of summary.json (n/a: not evaluated). AutoAttack standard = APGD-CE + APGD-T + FAB-T + Square. "
+        "Worst case: a point counts as robust only if every attack of the row failed on it (from an eval file that "
+        "ran them all; '<=' marks an upper bound, the lowest file result, when no single file did). "
         "Training time excludes evaluation; time/epoch is the median epoch; vs TRADES-10 divides it by that of "
         "the TRADES (10 steps) runs with the same architecture, dataset and batch size (n/a: none in this report), "
         "so it compares runs on the same hardware only.",
