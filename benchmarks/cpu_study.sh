@@ -44,10 +44,11 @@ case "$PART" in
     done
     for gamma in 0.25 4; do run "bs-gamma$gamma" --method backward_smoothing --gamma "$gamma"; done
     run bs-beta6 --method backward_smoothing --beta 6 ;;
-  overfit)
-    for method in fgsm_rs backward_smoothing; do run "$method-eps16" --method "$method" --eps 16/255; done ;;
-  autoattack)  # the main part's last models: PGD-20, CW-20 and APGD-CE + APGD-T in one file (pointwise worst case)
-    for dir in "$OUT"/main/*/; do
+  overfit)  # a larger radius, then a larger step (alpha = 2 eps, as in Wong et al.'s failing FGSM setting)
+    for method in fgsm_rs backward_smoothing; do run "$method-eps16" --method "$method" --eps 16/255; done
+    for method in fgsm_rs backward_smoothing; do run "$method-alpha16" --method "$method" --alpha 16/255; done ;;
+  autoattack)  # last models of part 1 and of the seed runs: PGD-20, CW-20, APGD-CE + APGD-T in one file (worst case)
+    for dir in "$OUT"/main/*/ "$OUT"/seeds/*-seed*/; do
       [ -f "$dir/eval-last-aa.json" ] || backsmooth eval "$dir/last.pt" --name last-aa --out "$dir" \
         --n-examples "$EVAL_N" --attacks pgd20,cw20,autoattack-apgd --no-progress
     done ;;
