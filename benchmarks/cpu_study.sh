@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CPU-scale study of docs/reproduction.md on the CIFAR-10 copy in ../shared/data (JPEG-75).
-# Usage: benchmarks/cpu_study.sh PART [EPOCHS]   with PART = main | seeds | overfit | autoattack | report
+# Usage: benchmarks/cpu_study.sh PART [EPOCHS]   with PART = main | seeds | overfit | autoattack | autoattack-standard | report
 # Each run writes runs/study/<part>/<name>/ and is skipped if it already finished (summary.json),
 # or resumed if it was interrupted, so the parts can be run in pieces.
 set -euo pipefail
-PART=${1:?usage: cpu_study.sh main|seeds|overfit|autoattack|report [EPOCHS]}
+PART=${1:?usage: cpu_study.sh main|seeds|overfit|autoattack|autoattack-standard|report [EPOCHS]}
 EPOCHS=${2:-5}
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/study}
@@ -52,10 +52,18 @@ case "$PART" in
       [ -f "$dir/eval-last-aa.json" ] || backsmooth eval "$dir/last.pt" --name last-aa --out "$dir" \
         --n-examples "$EVAL_N" --attacks pgd20,cw20,autoattack-apgd --no-progress
     done ;;
+  autoattack-standard)  # the full standard AutoAttack (adds FAB-T and Square) on the last BS and TRADES-10 models
+    for method in backward_smoothing trades; do
+      [ -f "$OUT/aa-standard/eval-$method-last-standard.json" ] || backsmooth eval "$OUT/main/$method/last.pt" \
+        --name "$method-last-standard" --out "$OUT/aa-standard" --n-examples "$EVAL_N" \
+        --attacks pgd20,cw20,autoattack --no-progress
+    done ;;
   report)
     backsmooth report "$OUT"/main/* --out docs/results/study-main
     # the main TRADES-10 run gives the seeds report its "vs TRADES-10" column
     [ -d "$OUT/seeds" ] && backsmooth report "$OUT"/seeds/* "$OUT"/main/trades --out docs/results/study-seeds
-    [ -d "$OUT/overfit" ] && backsmooth report "$OUT"/overfit/* --out docs/results/study-overfit ;;
-  *) echo "unknown part $PART (main, seeds, overfit, autoattack, report)" >&2; exit 2 ;;
+    [ -d "$OUT/overfit" ] && backsmooth report "$OUT"/overfit/* --out docs/results/study-overfit
+    [ -d "$OUT/aa-standard" ] && mkdir -p docs/results/study-aa-standard \
+      && cp "$OUT"/aa-standard/eval-*.json docs/results/study-aa-standard/ ;;
+  *) echo "unknown part $PART (main, seeds, overfit, autoattack, autoattack-standard, report)" >&2; exit 2 ;;
 esac
