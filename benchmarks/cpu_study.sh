@@ -12,7 +12,7 @@ EVAL_N=${EVAL_N:-1000}
 EVAL_WHICH=${EVAL_WHICH:-best last}   # which checkpoints `backsmooth eval` attacks
 COMMON=(--preset cpu-cifar10-natural --data-dir "$DATA" --epochs "$EPOCHS" --no-progress --checkpoint-every 100)
 
-run() {  # run NAME ARGS...: train (or resume) one run, then evaluate its best and last models
+run() {  # run NAME ARGS...: train (or resume) one run, then evaluate the checkpoints named in EVAL_WHICH
   local dir="$OUT/$PART/$1"; shift
   if [ ! -f "$dir/summary.json" ]; then
     local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)

@@ -200,13 +200,11 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
             entry = merged.setdefault((which, evaluation["eps"], evaluation["n_examples"], subset_seed), dict(
                 checkpoint=which, epoch=checkpoint.get("epoch"), eps=float(evaluation["eps"]),
                 clean_acc=_finite(evaluation["clean_acc"]), per_attack={}, attacks={},
-                n_examples=evaluation["n_examples"], source_kind="eval", sources=[], files=[]))
+                n_examples=evaluation["n_examples"], source_kind="eval", sources=[], results=[]))
             entry["per_attack"].update(evaluation["per_attack"])
             entry["attacks"].update(evaluation.get("attacks") or {})
             entry["sources"].append(name)
-            entry["files"].append((set(evaluation["per_attack"]), _finite(evaluation.get("robust_acc"))))
-        for entry in merged.values():
-            entry.update(_worst_case(entry.pop("files"), set(entry["per_attack"])))
+            entry["results"].append((set(evaluation["per_attack"]), _finite(evaluation.get("robust_acc"))))
         return sorted(merged.values(), key=lambda e: (_CHECKPOINT_ORDER.get(e["checkpoint"], 2), e["checkpoint"],
                                                       e["eps"], e["n_examples"]))
     eps = float(run.config["eps"])
@@ -214,8 +212,7 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
         best = run.summary["best"]
         return [dict(checkpoint="best", epoch=best.get("epoch"), eps=eps, clean_acc=_finite(best.get("clean_acc")),
                      per_attack={"pgd20": best.get("pgd20_acc")}, attacks={}, n_examples=run.summary["test_examples"],
-                     source_kind="test", sources=["summary.json"],
-                     **_worst_case([({"pgd20"}, _finite(best.get("pgd20_acc")))], {"pgd20"}))]
+                     source_kind="test", sources=["summary.json"], results=[({"pgd20"}, _finite(best.get("pgd20_acc")))])]
     # unfinished run: the epoch the trainer keeps as best.pt, on the validation split
     def score(row: dict[str, Any]) -> float:  # as the trainer: robust accuracy, clean when there is none
         robust = _finite(row.get(run.val_key))
@@ -225,19 +222,19 @@ def _accuracy_rows(run: RunData) -> list[dict[str, Any]]:
     return [dict(checkpoint="best", epoch=row["epoch"], eps=eps, clean_acc=_finite(row.get("val_clean_acc")),
                  per_attack={"pgd20": row.get("val_pgd20_acc")}, attacks={}, n_examples=row.get("val_examples"),
                  source_kind="validation", sources=["metrics.jsonl (validation split)"],
-                 **_worst_case([({"pgd20"}, _finite(row.get("val_pgd20_acc")))], {"pgd20"}))]
+                 results=[({"pgd20"}, _finite(row.get("val_pgd20_acc")))])]
 
 
-def _worst_case(files: Sequence[tuple[set[str], float | None]], attacks: set[str]) -> dict[str, Any]:
-    """Pointwise worst case over the row's attacks, read from a file that ran them all.
+def _worst_case(results: Sequence[tuple[set[str], float | None]], attacks: set[str]) -> dict[str, Any]:
+    """Pointwise worst case over the row's attacks, from a result (attacks run, robust accuracy) that ran them all.
 
-    Without such a file (e.g. pgd20,cw20 in one and AutoAttack in another) the per-point flags are not
-    combined; the lowest file result is then an upper bound (worst_case_bound=True).
+    Without such a result (e.g. pgd20,cw20 in one eval file and AutoAttack in another) the per-point flags
+    are not combined; the lowest result is then an upper bound (worst_case_bound=True).
     """
-    exact = [acc for ran, acc in files if ran >= attacks and acc is not None]
+    exact = [acc for ran, acc in results if ran >= attacks and acc is not None]
     if exact:
         return dict(worst_case_acc=min(exact), worst_case_bound=False, worst_case_attacks="+".join(sorted(attacks)))
-    known = [acc for _, acc in files if acc is not None]
+    known = [acc for _, acc in results if acc is not None]
     return dict(worst_case_acc=min(known) if known else None, worst_case_bound=True, worst_case_attacks=None)
 
 
@@ -261,6 +258,7 @@ def build_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
             per_attack = {k: _finite(v) for k, v in entry.pop("per_attack").items()}
             cw_attack, cw_acc = _pick_cw(per_attack)
             variant, autoattack_acc = _pick_autoattack(per_attack, entry.pop("attacks"))
+            entry.update(_worst_case(entry.pop("results"), set(per_attack)))
             rows.append(dict(
                 run_dir=str(run.path), label=label, group=group, method=run.config["method"],
                 arch=run.config["arch"], dataset=run.config["dataset"], epochs=run.config["epochs"],
@@ -301,10 +299,9 @@ def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             names = {m[attack] for m in members} if attack else {None}
             if attack:
                 group[attack] = next(iter(names)) if len(names) == 1 else None
-            group[field] = (None if any(v is None for v in values) or len(names) > 1
+            # no attack name (e.g. a worst case that is only an upper bound) or differing ones: not comparable
+            group[field] = (None if any(v is None for v in values) or len(names) > 1 or (attack and None in names)
                             else dict(mean=statistics.fmean(values), std=statistics.stdev(values)))
-        if any(m["worst_case_bound"] for m in members):  # a mean of upper bounds is not a worst case
-            group["worst_case_acc"] = None
         groups.append(group)
     return groups
 
