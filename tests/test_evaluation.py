@@ -3,6 +3,7 @@ flags, AutoAttack through its package, resuming after a real kill, and `backsmoo
 
 import importlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from backsmooth import autoattack_adapter, checkpoint, cli, models
 from backsmooth.errors import BacksmoothError, ConfigError
 from backsmooth.evaluation import (
     AttackSpec,
+    binomial_tail,
+    paired_excess,
     evaluate,
     model_info,
     parse_attack,
@@ -180,13 +183,57 @@ class Noisy(nn.Module):
         return self.net(F.dropout(x, 0.3, training=True))
 
 
-def test_healthy_model_is_not_flagged(model, digits):
+@pytest.mark.parametrize("seed", range(10))
+def test_healthy_model_is_not_flagged(model, digits, seed):
+    """Random-start noise moves a few of 150 examples between PGD-20 and PGD-40; that is not evidence."""
     x, y = held_out(digits, 150)
-    result = evaluate(model, x, y, EPS, "pgd20,pgd40,fgsm", batch_size=75, progress=False)
-    assert result["flags"] == []
+    result = evaluate(model, x, y, EPS, "pgd20,pgd40,fgsm", batch_size=75, seed=seed, progress=False)
+    assert result["flags"] == [], [c["message"] for c in result["self_checks"] if c["flagged"]]
     checks = {c["name"] for c in result["self_checks"]}
     assert {"outputs_probabilities", "zero_input_gradients", "nondeterministic", "eps0_not_clean",
-            "robust_above_clean", "more_steps_higher_accuracy", "fgsm_beats_pgd"} == checks
+            "robust_above_clean", "more_steps_higher_accuracy", "attack_not_converged", "fgsm_beats_pgd"} == checks
+
+
+class SlowSlope(nn.Module):
+    """Two classes split by the mean pixel at 0.5: the margin of an image is |mean - 0.5|, and a signed
+    step of size s moves the mean by exactly s. With steps of eps/50, 20 steps reach 0.4 eps and
+    100 steps the whole ball: every margin between the two is broken by PGD-100 and not by PGD-20."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 2)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.stack([torch.zeros(16), torch.full((16,), 10 / 16)]))
+            self.linear.bias.copy_(torch.tensor([0.0, -5.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+def test_attack_that_needs_more_steps_is_flagged():
+    generator = torch.Generator().manual_seed(0)
+    margins = torch.rand(200, generator=generator) * 0.15 + 0.002
+    y = torch.arange(200) % 2
+    x = (0.5 + torch.where(y == 1, margins, -margins)).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    result = evaluate(SlowSlope().eval(), x, y, EPS, "pgd20,pgd100", step_size=EPS / 50, progress=False)
+    assert result["clean_acc"] == 1.0
+    assert result["per_attack"]["pgd100"] < result["per_attack"]["pgd20"] - 0.2
+    check = next(c for c in result["self_checks"] if c["name"] == "attack_not_converged")
+    assert check.get("flagged") and result["flags"] == ["attack_not_converged"]
+    assert "pgd100 minus pgd20" in check["message"] and "exact McNemar p = " in check["message"]
+    assert check["value"] == pytest.approx(100 * (result["per_attack"]["pgd20"] - result["per_attack"]["pgd100"]))
+
+
+def test_exact_tests_match_their_closed_forms():
+    assert binomial_tail(0, 5, 0.5) == 1.0 and binomial_tail(6, 5, 0.5) == 0.0
+    assert binomial_tail(4, 5, 0.5) == pytest.approx(6 / 32)  # the three-example gap of a healthy model: p = 0.19
+    assert binomial_tail(10, 10, 0.5) == pytest.approx(2 ** -10)
+    assert binomial_tail(3, 1000, 0.002) == pytest.approx(
+        1 - sum(math.comb(1000, i) * 0.002 ** i * 0.998 ** (1000 - i) for i in range(3)))
+    comparison = paired_excess(torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool),
+                               torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool))
+    assert (comparison.only_first, comparison.only_second, comparison.excess) == (2, 1, 0.2)
+    assert comparison.p_value == pytest.approx(0.5)
 
 
 def test_gradient_masking_model_is_flagged(model, digits):
@@ -207,22 +254,64 @@ def test_probability_outputs_and_randomness_are_flagged(model, digits):
     assert "nondeterministic" in noisy and "eps0_not_clean" in noisy
 
 
-def test_accuracy_comparisons_flag_with_their_thresholds():
+def _flags(n_true: int, n: int = 400, offset: int = 0) -> torch.Tensor:
+    """n flags, `n_true` of them set, starting at `offset`."""
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[offset:offset + n_true] = True
+    return flags
+
+
+def test_accuracy_comparisons_need_size_and_evidence():
     specs = parse_attacks("pgd20,pgd100,fgsm,autoattack-apgd")
-    accuracies = {"pgd20": 0.50, "pgd100": 0.53, "fgsm": 0.45, "autoattack-apgd": 0.40}
-    checks = {c.name: c for c in result_checks(specs, 0.8, accuracies, {"pgd20": 0.5, "pgd100": 0.53, "fgsm": 0.46},
-                                               {"apgd-ce": 0.42, "apgd-t": 0.40}, engine_worst_acc=0.43)}
-    assert checks["more_steps_higher_accuracy"].flagged and checks["more_steps_higher_accuracy"].value == pytest.approx(3)
+    clean = _flags(320)
+    # pgd100 keeps 20 examples (5 points) that pgd20 broke and breaks none pgd20 kept: p = 2**-20
+    pgd20, pgd100 = _flags(200), _flags(220)
+    fgsm = _flags(180)  # 20 more broken by one step than by pgd20
+    aa = _flags(160)
+    per_example = {"clean": clean, "pgd20": pgd20, "pgd100": pgd100, "fgsm": fgsm, "autoattack-apgd": aa}
+    raw = {"pgd20": pgd20, "pgd100": pgd100, "fgsm": fgsm}
+    checks = {c.name: c for c in result_checks(specs, clean, per_example, raw, {"apgd-ce": aa, "apgd-t": aa})}
+    assert checks["more_steps_higher_accuracy"].flagged and checks["more_steps_higher_accuracy"].value == pytest.approx(5)
+    assert "20 vs 0 discordant of 400" in checks["more_steps_higher_accuracy"].message
+    assert not checks["attack_not_converged"].flagged
     assert checks["fgsm_beats_pgd"].flagged
-    # 10 points below PGD-20 alone, but only 3 below the pointwise worst case of the engine attacks
+    # 10 points below pgd20 alone, but only 5 below the pointwise worst case of the engine attacks (fgsm)
     assert not checks["autoattack-apgd_far_below_pgd"].flagged
-    assert checks["autoattack-apgd_far_below_pgd"].value == pytest.approx(3)
+    assert checks["autoattack-apgd_far_below_pgd"].value == pytest.approx(5)
     assert not checks["robust_above_clean"].flagged
-    accuracies = {"pgd20": 0.50, "pgd100": 0.505, "fgsm": 0.70, "autoattack-apgd": 0.30}
-    checks = {c.name: c for c in result_checks(specs, 0.8, accuracies, {"pgd20": 0.85}, {}, engine_worst_acc=0.5)}
-    assert not checks["more_steps_higher_accuracy"].flagged and not checks["fgsm_beats_pgd"].flagged
-    assert checks["autoattack-apgd_far_below_pgd"].flagged and "20.00 points" in checks["autoattack-apgd_far_below_pgd"].message
+
+    # the same 5-point rise made of 30 gains and 10 losses: still significant (p = 0.001)
+    pgd100 = _flags(190, offset=10) | _flags(30, offset=200)
+    checks = {c.name: c for c in result_checks(parse_attacks("pgd20,pgd100"), clean,
+                                               {"pgd20": pgd20, "pgd100": pgd100}, {}, {})}
+    assert checks["more_steps_higher_accuracy"].flagged
+    # a 1.5-point rise from 9 gains and 3 losses exceeds the 1-point tolerance but is noise (p = 0.07)
+    pgd100 = _flags(197, offset=3) | _flags(9, offset=200)
+    checks = {c.name: c for c in result_checks(parse_attacks("pgd20,pgd100"), clean,
+                                               {"pgd20": pgd20, "pgd100": pgd100}, {}, {})}
+    assert not checks["more_steps_higher_accuracy"].flagged and checks["more_steps_higher_accuracy"].value > 1
+
+    # accuracy under attack above clean on 30 examples, none the other way; AutoAttack 20 points below
+    raw = {"pgd20": clean | _flags(30, offset=320)}
+    aa = _flags(120)
+    checks = {c.name: c for c in result_checks(parse_attacks("pgd20,autoattack-apgd"), clean,
+                                               {"pgd20": _flags(200), "autoattack-apgd": aa}, raw,
+                                               {"apgd-ce": aa, "apgd-t": aa})}
     assert checks["robust_above_clean"].flagged
+    assert checks["autoattack-apgd_far_below_pgd"].flagged and "20.00 points" in checks["autoattack-apgd_far_below_pgd"].message
+
+
+def test_square_check_tests_its_count_against_autoattack_rate():
+    specs = parse_attacks("autoattack")
+    clean = _flags(800, 1000)
+    white_box = _flags(500, 1000)
+    for broken, flagged in ((3, False), (12, True)):  # 0.3% is within noise of 0.2%; 1.2% is not
+        square = _flags(500 - broken, 1000)
+        components = {"apgd-ce": white_box, "apgd-t": white_box, "fab-t": white_box, "square": square}
+        checks = {c.name: c for c in result_checks(specs, clean, {"clean": clean, "autoattack": square}, {},
+                                                   components)}
+        assert checks["square_beats_white_box"].flagged is flagged
+        assert f"broke {broken} of 1000" in checks["square_beats_white_box"].message
 
 
 # --------------------------------------------------------------------------- AutoAttack

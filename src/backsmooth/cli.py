@@ -11,10 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from backsmooth import config as cfg
-from backsmooth.errors import BacksmoothError
-
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3
+from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, BacksmoothError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(train)
-    from backsmooth.evaluation import add_eval_arguments
+    from backsmooth.evaluation.command import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="evaluate a trained model (run directory or model file)"))
     from backsmooth.bench import add_bench_arguments
@@ -106,8 +103,6 @@ def _train(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(f"interrupted: checkpoint saved in {stop}; continue with the same command plus --resume "
               f"(--out {stop} --resume)", file=sys.stderr)
-        from backsmooth.train import EXIT_INTERRUPTED
-
         return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -123,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from backsmooth.evaluation import main_eval
+    from backsmooth.evaluation.command import main_eval
 
     return main_eval(args)
 

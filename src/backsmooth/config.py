@@ -88,7 +88,7 @@ def parse_number(text: str) -> float:
     """A float or a fraction such as '8/255'."""
     try:
         return float(fractions.Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise ConfigError(f"{text!r} is not a number (write 0.0314 or 8/255)") from None
 
 

@@ -15,3 +15,8 @@ class DataError(BacksmoothError):
 
 class CheckpointError(BacksmoothError):
     """A checkpoint that cannot be loaded safely or does not fit the model."""
+
+
+EXIT_USAGE = 2  # a BacksmoothError: bad input, one line on stderr, nothing written
+EXIT_DIVERGED = 3  # training stopped on a non-finite loss
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving its state; the same command resumes

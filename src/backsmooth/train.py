@@ -28,13 +28,12 @@ from backsmooth.attacks import pgd
 from backsmooth.config import RunConfig, validate
 from backsmooth.data import DatasetSplits, DeviceLoader, load_dataset
 from backsmooth.errors import BacksmoothError, CheckpointError, ConfigError
-from backsmooth.evaluation import correct_under_attack, stratified_subset
+from backsmooth.accuracy import correct_under_attack, stratified_subset
 from backsmooth.runtime import Stopwatch, autocast
 from backsmooth.schedules import learning_rate
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "last.pt", "best.pt",
              "summary.json")
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; resume with --resume
 
 
 class Interrupted(Exception):

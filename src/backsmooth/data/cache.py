@@ -37,9 +37,17 @@ def source_key(paths: Iterable[Path]) -> str:
     digest = hashlib.sha256(f"backsmooth-cache-v{FORMAT_VERSION}".encode())
     for path in paths:
         for entry in _entries(path.resolve()):
-            stat = os.stat(entry)
+            stat = _stat(entry)
             digest.update(f"{entry}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
+
+
+def _stat(entry: str) -> os.stat_result:
+    """The entry's status, or its link's own for a broken symbolic link (the readers decide what it means)."""
+    try:
+        return os.stat(entry)
+    except OSError:
+        return os.lstat(entry)
 
 
 def _entries(path: Path) -> list[str]:

@@ -57,9 +57,18 @@ def decode_images(sources: Sequence[Path | bytes | memoryview], name_of: Callabl
 
 
 def _decode(source: Path | bytes | memoryview, name: str) -> np.ndarray:
-    """One image as RGB uint8 (H, W, 3); grayscale and palette images are converted."""
+    """One image as RGB uint8 (H, W, 3): grayscale, palette and alpha images are converted, 16-bit
+    grayscale is scaled to 8 bits (PIL's own conversion would clip it to white)."""
+    if isinstance(source, Path) and source.is_symlink() and not source.exists():
+        raise DataError(f"{name} is a broken symbolic link; remove it or point it at the image")
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+                gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            if image.mode in ("I", "F"):
+                raise DataError(f"{name} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels; "
+                                f"save it as an 8- or 16-bit image")
             return np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{name} is not a readable image ({error}); replace or remove it") from error
@@ -84,8 +93,17 @@ def decode_jpeg_npz(path: Path, size: tuple[int, int], extra: Sequence[str] = ()
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files (by suffix, any case) directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files (by suffix, any case, not hidden) directly inside `folder`, sorted by name.
+
+    Broken links with an image suffix are kept, so decoding refuses them by name instead of the
+    dataset silently shrinking; sub-folders, hidden files and other suffixes are ignored.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot list {folder} ({error.strerror}); check its permissions") from error
+    return sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -158,7 +158,11 @@ def _read_class_folders(folder: Path) -> dict[str, np.ndarray]:
 
 def _class_folders(root: Path) -> list[str]:
     """The sorted names of the non-hidden sub-folders of `root`: one per class."""
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = list(root.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot list {root} ({error.strerror}); check its permissions") from error
+    names = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
     if not names:
         raise DataError(f"{root} has no class sub-folders; put the images of each class in their own folder")
     return names

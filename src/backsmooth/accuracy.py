@@ -1,0 +1,66 @@
+"""Per-example accuracy: correctness flags under an attack, their exact mean, the pointwise worst case
+and the stratified test subset every evaluation of a comparison shares. Used by training (validation
+and the final check) and by the evaluation suite."""
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from backsmooth.attacks import Perturbation, attack_mode
+from backsmooth.runtime import autocast
+
+
+def to_unit_float(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 images -> float32 in [0, 1] on `device`; float images pass through."""
+    images = images.to(device, non_blocking=True)
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def correct_under_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: Perturbation | None = None,
+                         *, batch_size: int = 256, device: torch.device | None = None, precision: str = "fp32",
+                         generator: torch.Generator | None = None) -> Tensor:
+    """A bool per example: still classified correctly after `attack` (clean accuracy when None).
+
+    The model runs in eval mode throughout; its previous mode is restored.
+    """
+    device = device or next(model.parameters()).device
+    flags = []
+    for start in range(0, len(labels), batch_size):
+        x = to_unit_float(images[start:start + batch_size], device)
+        y = labels[start:start + batch_size].to(device)
+        with autocast(device, precision):
+            if attack is not None:
+                x = attack(model, x, y, generator).x_adv
+            with attack_mode(model) as net, torch.no_grad():
+                flags.append((net(x).argmax(1) == y).cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def fraction(flags: Tensor) -> float:
+    """The fraction of True flags, computed exactly (0.83, not float32's 0.8299999833); NaN when empty."""
+    return int(flags.sum()) / len(flags) if len(flags) else float("nan")
+
+
+def worst_case(clean: Tensor, robust: Iterable[Tensor]) -> Tensor:
+    """Pointwise worst case: robust only if classified correctly clean and under every attack."""
+    flags = clean.clone()
+    for attack_flags in robust:
+        flags &= attack_flags
+    return flags
+
+
+def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
+    """Indices of `n` examples with classes in proportion (all of them when n >= len), seeded."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    # round-robin over classes in random order keeps class proportions within one example
+    ranks = torch.empty_like(order)
+    shuffled = labels[order]
+    for c in shuffled.unique():
+        members = (shuffled == c).nonzero().squeeze(1)
+        ranks[members] = torch.arange(len(members)) * len(labels) // len(members)
+    chosen = order[torch.argsort(ranks, stable=True)[:n]]
+    return chosen.sort().values

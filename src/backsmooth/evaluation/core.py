@@ -1,0 +1,198 @@
+"""`evaluate(model, x, y, eps, attacks)`: clean accuracy, attacks on the shared perturbation engine and
+AutoAttack, the pointwise worst case, self-checks for gradient masking, and resumable state
+(docs/evaluation.md)."""
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from backsmooth import autoattack_adapter
+from backsmooth.accuracy import fraction, worst_case
+from backsmooth.attacks import Perturbation, predict_eval
+from backsmooth.errors import ConfigError
+from backsmooth.evaluation.checks import (
+    Check,
+    check_eps_zero,
+    check_nondeterminism,
+    check_probability_outputs,
+    check_zero_gradients,
+    result_checks,
+)
+from backsmooth.evaluation.specs import DEFAULT_ATTACKS, AttackSpec, parse_attack, parse_attacks
+from backsmooth.evaluation.state import BatchFn, EvaluationState, derived_seed
+
+PROBE_EXAMPLES = 100  # examples used by the cheap model checks
+EPS0_EXAMPLES = 256  # examples attacked at eps = 0
+
+
+class EvalResult(dict):
+    """The JSON-ready summary of `evaluate`; `per_example` holds the bool flags behind every number."""
+
+    per_example: dict[str, Tensor]
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
+             attacks: str | Sequence[str] = DEFAULT_ATTACKS, batch_size: int = 256, *, seed: int = 0,
+             step_size: float | None = None, state_path: str | Path | None = None, restart: bool = False,
+             progress: bool | None = None) -> EvalResult:
+    """Clean accuracy, per-attack robust accuracy and their pointwise worst case on images `x` in [0, 1].
+
+    Engine attacks (pgd, cw, fgsm) run on every example, so their numbers are true per-attack
+    accuracies; AutoAttack runs on the clean-correct examples, its components cumulatively as in
+    the package. `step_size` defaults to eps / 4 (2/255 at eps = 8/255). With `state_path`,
+    per-example flags are saved after every batch and a killed evaluation resumes from them
+    (`restart` discards them). Random starts are seeded per (seed, start kind, batch, restart), so a
+    resumed evaluation ends with exactly the result of an uninterrupted one, and attacks that differ
+    only in their number of steps start from the same points.
+    """
+    specs = parse_attacks(attacks)
+    step_size = eps / 4 if step_size is None else float(step_size)
+    check_inputs(x, y, eps, batch_size, step_size)
+    if any(s.kind == "autoattack" for s in specs):
+        autoattack_adapter.autoattack_module()  # a missing package fails before any work, with its install hint
+    run = EvaluationState(model, x, y, batch_size, seed, state_path, restart, progress,
+                          dict(eps=float(eps), step_size=step_size, batch_size=batch_size, seed=seed))
+    clean = run.unit("clean", lambda xb, yb, _b, _key: predict_eval(run.model, xb).argmax(1) == yb)
+    per_example: dict[str, Tensor] = {"clean": clean}
+    raw: dict[str, Tensor] = {}
+    components: dict[str, Tensor] = {}
+    messages: list[str] = []
+    for spec in specs:
+        if spec.kind == "autoattack":
+            flags = clean
+            for component in spec.components:
+                flags = run.unit(f"autoattack:{component}", _autoattack_batch(run, component, flags, messages))
+                components[component] = flags
+            per_example[spec.name] = flags
+        else:
+            raw[spec.name] = run.unit(spec.name, _engine_batch(run, spec, spec.build(eps, step_size)))
+            per_example[spec.name] = raw[spec.name] & clean
+    robust = worst_case(clean, (per_example[s.name] for s in specs))
+    per_attack = {s.name: fraction(per_example[s.name]) for s in specs}
+    checks = _model_checks(run, clean) + result_checks(specs, clean, per_example, raw, components)
+    result = EvalResult(
+        n_examples=len(y), eps=float(eps), clean_acc=fraction(clean), robust_acc=fraction(robust),
+        per_attack=per_attack,
+        attacks={s.name: _attack_report(s, run, per_example, raw, components) for s in specs},
+        settings=dict(eps=float(eps), step_size=step_size, batch_size=batch_size, seed=seed,
+                      attacks=[s.name for s in specs], device=str(run.device), precision="fp32",
+                      worst_case="a point is robust only if it is classified correctly clean and under every attack",
+                      per_attack_scope="engine attacks: all examples; AutoAttack: clean-correct examples, "
+                                       "components cumulative in the standard order"),
+        self_checks=[asdict(c) for c in checks], flags=[c.name for c in checks if c.flagged],
+        autoattack_warnings=sorted(set(messages)), batches=dict(total=run.batches_total, resumed=run.batches_resumed),
+        seconds=sum(run.seconds.values()),  # including the sessions before a resume
+    )
+    result.per_example = per_example
+    return result
+
+
+def _model_checks(run: EvaluationState, clean: Tensor) -> list[Check]:
+    """The cheap checks of the model itself, on the first examples (at most one batch)."""
+    x, y = run.probe(PROBE_EXAMPLES)
+    x0, y0 = run.probe(EPS0_EXAMPLES)
+    return [check_probability_outputs(predict_eval(run.model, x)), check_zero_gradients(run.model, x, y),
+            check_nondeterminism(run.model, x), check_eps_zero(run.model, x0, y0, clean[:len(y0)])]
+
+
+def _attack_report(spec: AttackSpec, run: EvaluationState, per_example: dict[str, Tensor], raw: dict[str, Tensor],
+                   components: dict[str, Tensor]) -> dict[str, Any]:
+    report: dict[str, Any] = dict(robust_acc=fraction(per_example[spec.name]),
+                                  settings=spec.settings(run.fingerprint["eps"], run.fingerprint["step_size"]))
+    if spec.kind == "autoattack":
+        report["after_component"] = {c: fraction(components[c]) for c in spec.components}
+        report["seconds"] = sum(run.seconds[f"autoattack:{c}"] for c in spec.components)
+    else:
+        report["accuracy_under_attack"] = fraction(raw[spec.name])
+        report["seconds"] = run.seconds[spec.name]
+    return report
+
+
+def check_inputs(x: Tensor, y: Tensor, eps: float, batch_size: int, step_size: float) -> None:
+    """Refuse inputs that would make the evaluation meaningless, before any work."""
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
+        raise ConfigError(f"need images of shape (N, C, H, W) and N labels with N > 0, got {tuple(x.shape)} "
+                          f"and {tuple(y.shape)}")
+    if not 0 <= eps <= 1:  # also refuses NaN
+        raise ConfigError(f"eps must be in [0, 1] in pixel units (8/255 = 0.0314), got {eps}")
+    if not (0 < step_size <= 1 or eps == step_size == 0):  # a zero step is a null attack: refused unless eps is 0
+        raise ConfigError(f"attack step size must be in (0, 1] in pixel units (default eps/4), got {step_size}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if x.is_floating_point() and not (x.min() >= 0 and x.max() <= 1):
+        raise ConfigError("images must be uint8 or floats in [0, 1] (normalisation belongs inside the model)")
+
+
+def _engine_batch(run: EvaluationState, spec: AttackSpec, attack: Perturbation) -> BatchFn:
+    """Correct under `attack` on every example of the batch; with restarts, only survivors are retried."""
+
+    def batch(x: Tensor, y: Tensor, b: int, _key: slice) -> Tensor:
+        correct = torch.ones(len(y), dtype=torch.bool, device=x.device)
+        for restart in range(spec.restarts):
+            todo = correct.nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            generator = torch.Generator(x.device).manual_seed(derived_seed(run.seed, spec.noise_key, b, restart))
+            x_adv = attack(run.model, x[todo], y[todo], generator).x_adv
+            correct[todo] = predict_eval(run.model, x_adv).argmax(1) == y[todo]
+        return correct
+
+    return batch
+
+
+def _autoattack_batch(run: EvaluationState, component: str, before: Tensor, messages: list[str]) -> BatchFn:
+    """Robust after `component`, run on the batch's points still robust `before` it (clean or earlier components)."""
+
+    def batch(x: Tensor, y: Tensor, b: int, key: slice) -> Tensor:
+        robust = before[key].to(x.device, copy=True)
+        todo = robust.nonzero().squeeze(1)
+        if len(todo):
+            robust[todo] = autoattack_adapter.run_component(
+                run.model, component, x[todo], y[todo], run.fingerprint["eps"],
+                derived_seed(run.seed, component, b), run.num_classes, messages)
+        return robust
+
+    return batch
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def eps_text(eps: float) -> str:
+    """RobustBench's eps string: '8/255' when eps is a multiple of 1/255, else the decimal."""
+    k = eps * 255
+    return f"{round(k)}/255" if round(k) > 0 and abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def model_info(result: EvalResult, name: str, architecture: str, dataset: str,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """RobustBench's model_info fields (percent strings, eps like '8/255') plus the full result as 'evaluation'."""
+    info: dict[str, Any] = dict(name=name, architecture=architecture, dataset=dataset, eps=eps_text(result["eps"]),
+                                clean_acc=f"{100 * result['clean_acc']:.2f}")
+    if "autoattack" in result["per_attack"]:
+        info["autoattack_acc"] = f"{100 * result['per_attack']['autoattack']:.2f}"
+    info.update(extra or {})
+    info["evaluation"] = dict(result)
+    return info
+
+
+def result_table(result: EvalResult) -> str:
+    """The printed summary: one row per attack, the worst case, then the self-checks."""
+    eps, step = result["settings"]["eps"], result["settings"]["step_size"]
+    rows = [f"{'attack':<16} {'accuracy':>9}  {'time':>8}  settings",
+            f"{'clean':<16} {result['clean_acc']:>9.2%}"]
+    for name, report in result["attacks"].items():
+        spec = parse_attack(name)
+        rows.append(f"{name:<16} {report['robust_acc']:>9.2%}  {report['seconds']:>7.1f}s  {spec.describe(eps, step)}")
+    rows.append(f"{'worst case':<16} {result['robust_acc']:>9.2%}  {result['seconds']:>7.1f}s  "
+                f"robust only if every attack failed")
+    flagged = [c for c in result["self_checks"] if c["flagged"]]
+    rows.append(f"self-checks: {len(result['self_checks'])} run, "
+                + (f"{len(flagged)} FLAGGED" if flagged else "none flagged"))
+    rows += [f"  FLAG {c['name']}: {c['message']}" for c in flagged]
+    rows += [f"  AutoAttack warns: {m}" for m in result["autoattack_warnings"]]
+    return "\n".join(rows)
