@@ -263,7 +263,7 @@ def main_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--warmup and --epoch-images must be >= 0")
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
     result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
-                           args.num_classes, parse_number(args.eps), args.device, args.precision,
+                           args.num_classes, parse_number(args.eps, "--eps"), args.device, args.precision,
                            args.channels_last, args.compile, args.warmup, args.repeats, args.steps,
                            args.epoch_images)
     print(format_table(result))

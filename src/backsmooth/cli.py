@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from backsmooth import config as cfg
-from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, BacksmoothError
+from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, BacksmoothError, one_line
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, one_line(f"error: {message} (see `{self.prog} --help`)") + "\n")
 
 
 _HELP = {
@@ -105,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
               f"(--out {stop} --resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(one_line(f"error: {exc}"), file=sys.stderr)
         return EXIT_DIVERGED
     print()
     print(f"{'model':<6} {'epoch':>5} {'clean':>7} {'PGD-20':>7}   ({summary['test_examples']} {summary['dataset']} "
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     except BacksmoothError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(one_line(f"error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -7,6 +7,7 @@ checked once, here, so a mistake costs a one-line error instead of a run.
 import dataclasses
 import fractions
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
@@ -84,12 +85,12 @@ class RunConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-def parse_number(text: str) -> float:
-    """A float or a fraction such as '8/255'."""
+def parse_number(text: str, what: str = "") -> float:
+    """A finite float or a fraction such as '8/255'; `what` (a flag or key) names it in the error."""
     try:
         return float(fractions.Fraction(text.strip()))
     except (ValueError, ZeroDivisionError, OverflowError):
-        raise ConfigError(f"{text!r} is not a number (write 0.0314 or 8/255)") from None
+        raise ConfigError(f"{what + ' ' if what else ''}{text!r} is not a finite number (write 0.0314 or 8/255)") from None
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -110,9 +111,9 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     if float in kinds:
         if isinstance(value, str):
-            return parse_number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            return parse_number(value, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -128,7 +129,7 @@ def parse_flag(key: str, text: str) -> Any:
         except ValueError:
             raise ConfigError(f"--{key.replace('_', '-')} must be an integer, got {text!r}") from None
     if float in kinds:
-        return parse_number(text)
+        return parse_number(text, f"--{key.replace('_', '-')}")
     return text
 
 

@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message on one line and exits with code 2."""
 
+import unicodedata
+
 
 class BacksmoothError(Exception):
     """A mistake in the user's input (config, data, paths, checkpoints), not a bug."""
@@ -20,3 +22,10 @@ class CheckpointError(BacksmoothError):
 EXIT_USAGE = 2  # a BacksmoothError: bad input, one line on stderr, nothing written
 EXIT_DIVERGED = 3  # training stopped on a non-finite loss
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving its state; the same command resumes
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break and other control character escaped, so an error that quotes the
+    user's input (a path with a newline, say) still prints as exactly one line."""
+    return "".join(ch if ch == " " or not (ch.isspace() or unicodedata.category(ch).startswith("C"))
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -3,6 +3,7 @@ eval-NAME.json (RobustBench's model_info fields plus the full result) next to th
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,15 @@ def main_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n-examples must be positive, got {args.n_examples}")
     if args.batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {args.batch_size}")
-    step_size = parse_number(args.step_size) if args.step_size else None
+    step_size = parse_number(args.step_size, "--step-size") if args.step_size else None
     if step_size is not None and not 0 < step_size <= 1:
         raise ConfigError(f"--step-size must be in (0, 1] in pixel units (e.g. 2/255), got {args.step_size}")
-    eps_given = parse_number(args.eps) if args.eps else None
+    eps_given = parse_number(args.eps, "--eps") if args.eps else None
     if eps_given is not None and not 0 <= eps_given <= 1:
         raise ConfigError(f"--eps must be in [0, 1] in pixel units (e.g. 8/255), got {args.eps}")
+    if args.name is not None and (not args.name.strip() or args.name in (".", "..")
+                                  or any(c in args.name for c in "/\\\0")):
+        raise ConfigError(f"--name {args.name!r} must be a plain file-name part (no slashes), e.g. --name bs-last")
     device = resolve_device(args.device)
     model, meta = load_model(args.target, device)
     target = Path(args.target)
@@ -68,6 +72,7 @@ def main_eval(args: argparse.Namespace) -> int:
     name = args.name or (target.name if target.is_dir() else target.stem)
     out = Path(args.out) if args.out else run_dir
     state_path = out / f"eval-{name}.state.pt"
+    _check_writable(out)
     print(f"{meta['path']}: {meta['arch']}" + (f" trained with {meta['method']}" if "method" in meta else "")
           + f"; {len(index)} of {len(test.labels)} {dataset} test examples (stratified, seed {args.seed}); "
             f"eps {eps_text(eps)} = {eps:.4f}", flush=True)
@@ -99,3 +104,14 @@ def _check_fits(images: Tensor, labels: Tensor, meta: dict[str, Any], dataset: s
         raise DataError(f"{dataset} images have shape {tuple(images.shape[1:])} but the model was trained on {shape}")
     if len(labels) and int(labels.max()) >= int(meta["num_classes"]):
         raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has {meta['num_classes']} classes")
+
+
+def _check_writable(folder: Path) -> None:
+    """`folder` can be created (or exists) and written to: checked before hours of attacks, not after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write eval-NAME.json under {folder}: {existing} is not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write eval-NAME.json under {folder}: {existing} is not writable; pass another --out")
