@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU-scale study of docs/reproduction.md on the CIFAR-10 copy in ../shared/data (JPEG-75).
+# The CPU-scale study of docs/reproduction.md on a JPEG-75 copy of CIFAR-10 kept outside the repository:
+# set DATA to its folder (the default below is where the project's offline copy lives).
 # Usage: benchmarks/cpu_study.sh PART [EPOCHS]   with PART = main | seeds | overfit | autoattack | autoattack-standard | report
 # Each run writes runs/study/<part>/<name>/ and is skipped if it already finished (summary.json),
 # or resumed if it was interrupted, so the parts can be run in pieces.

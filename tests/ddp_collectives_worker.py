@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from backsmooth import methods, models
-from backsmooth.train import training_step
+from backsmooth.step import training_step
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -24,14 +24,14 @@ for name in methods.names():
     ddp = nn.parallel.DistributedDataParallel(net, bucket_cap_mb=1)
     calls = {"allreduce": 0, "broadcast": 0}
 
-    def hook(state, bucket):
+    def hook(state, bucket, calls=calls):
         calls["allreduce"] += 1
         return allreduce_hook(None, bucket)
 
     ddp.register_comm_hook(None, hook)
     original = ddp._distributed_broadcast_coalesced
 
-    def counting_broadcast(*args, **kwargs):
+    def counting_broadcast(*args, calls=calls, original=original, **kwargs):
         calls["broadcast"] += 1
         return original(*args, **kwargs)
 

@@ -3,12 +3,13 @@
 import pytest
 
 from backsmooth import config as cfg
+from backsmooth import presets
 from backsmooth.errors import ConfigError
 
 
 def test_fractions_and_numbers_are_accepted_for_floats():
     c = cfg.from_mapping({"eps": "8/255", "lr": 0.05, "alpha": 2})
-    assert c.eps == pytest.approx(8 / 255) and c.lr == 0.05 and c.alpha == 2.0
+    assert c.eps == pytest.approx(8 / 255) and c.lr == 0.05 and c.method_options == {"alpha": 2.0}
 
 
 @pytest.mark.parametrize("values,message", [
@@ -16,7 +17,9 @@ def test_fractions_and_numbers_are_accepted_for_floats():
     ({"epochs": "three"}, "epochs must be an integer"),
     ({"epochs": 2.5}, "epochs must be an integer"),
     ({"channels_last": "yes"}, "channels_last must be true or false"),
-    ({"eps": "eight"}, "is not a number"),
+    ({"eps": "eight"}, "eps .eight. is not a finite number"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"beta": 6, "method_options": {"gammma": 1}}, "unknown config key .gammma."),
 ])
 def test_type_errors_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,16 +58,16 @@ def test_presets_cover_the_paper_grid_and_validate():
     for dataset in ("cifar10", "cifar100", "tiny_imagenet"):
         for arch in ("resnet18", "wrn34_10"):
             for method in ("backward_smoothing", "trades", "fast_trades", "pgd_at", "fgsm_rs", "gradalign", "natural"):
-                values = cfg.preset(f"{dataset}-{arch}-{method}")
+                values = presets.preset(f"{dataset}-{arch}-{method}")
                 assert values["epochs"] == 100 and values["batch_size"] == 128 and values["weight_decay"] == 5e-4
         for method in ("fgsm_rs", "gradalign"):
-            assert cfg.preset(f"{dataset}-preact_resnet18-{method}")["arch"] == "preact_resnet18"
-    assert cfg.preset("cifar10-resnet18-trades")["schedule"] == "stage"
-    for name, values in cfg.PRESETS.items():
+            assert presets.preset(f"{dataset}-preact_resnet18-{method}")["arch"] == "preact_resnet18"
+    assert presets.preset("cifar10-resnet18-trades")["schedule"] == "stage"
+    for _name, values in presets.PRESETS.items():
         cfg.validate(cfg.from_mapping(dict(values, data_dir="/data")))
-    assert cfg.preset("demo")["method"] == "backward_smoothing"
+    assert presets.preset("demo")["method"] == "backward_smoothing"
     with pytest.raises(ConfigError, match="backsmooth presets"):
-        cfg.preset("nope")
+        presets.preset("nope")
 
 
 def test_config_files(tmp_path):

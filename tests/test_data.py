@@ -20,12 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from backsmooth.data import ArrayDataset, DatasetSplits, dataset_names, load_dataset
-from backsmooth.data import download, files
+from backsmooth.data import ArrayDataset, DatasetSplits, dataset_names, download, files, load_dataset
 from backsmooth.data.cache import DecodedCache, cache_root
 from backsmooth.data.dataset import _largest_remainder, stratified_split
-from backsmooth.data.sources import CIFAR100_CLASSES, CIFAR10_CLASSES
-from backsmooth.errors import DataError
+from backsmooth.data.sources import CIFAR10_CLASSES, CIFAR100_CLASSES
+from backsmooth.errors import ConfigError, DataError
 
 RNG = np.random.default_rng(0)
 
@@ -474,7 +473,7 @@ def test_folder_images_must_share_a_size(tmp_path):
 # ---------------------------------------------------------------------------------------- errors
 
 def test_bad_names_and_folders(tmp_path):
-    with raises("unknown dataset 'imagenet'; choose one of: digits, mnist"):
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; choose one of: digits, mnist"):
         load_dataset("imagenet")
     with raises(f"data directory {tmp_path / 'nowhere'} does not exist"):
         load_dataset("mnist", tmp_path / "nowhere")

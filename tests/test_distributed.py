@@ -30,7 +30,8 @@ def env() -> dict[str, str]:
 
 def train_args(out: Path, cache: Path, *extra: str) -> list[str]:
     return ["-m", "backsmooth", "train", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "32",
-            "--val-pgd-steps", "1", "--final-eval-examples", "50", "--device", "cpu", "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+            "--val-pgd-steps", "1", "--final-eval-examples", "50", "--device", "cpu", "--cache-dir", str(cache),
+            "--out", str(out), "--no-progress",
             "--log-every", "2", *extra]
 
 
@@ -58,8 +59,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for key in a:
         # float summation order differs (all-reduce of two half-batch means); seen here: at most 1.2e-5
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5, msg=key)
-    rows_one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    rows_two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for r1, r2 in zip(rows_one, rows_two):
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-4)
         assert r1["val_clean_acc"] == pytest.approx(r2["val_clean_acc"], abs=1e-9)  # sharded eval, same count

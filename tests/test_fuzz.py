@@ -148,7 +148,9 @@ def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float("inf") else repr(value)
+        return (
+            "nan" if value != value else ("inf" if value > 0 else "-inf") if abs(value) == float("inf") else repr(value)
+        )
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
@@ -335,6 +337,6 @@ def test_fuzz_harness_detects_a_traceback(monkeypatch):
     def broken(_args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "_presets", lambda: broken(None))
+    monkeypatch.setattr(cli.presets, "main", broken)
     with sandbox() as root, pytest.raises(RuntimeError, match="boom"):
         check_invocation(["presets"], root, root / "out")

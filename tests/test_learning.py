@@ -7,7 +7,8 @@ training's and close to TRADES-10's.
 
 import pytest
 
-from backsmooth.config import from_mapping, preset
+from backsmooth.config import from_mapping
+from backsmooth.presets import preset
 from backsmooth.train import train
 
 pytest.importorskip("sklearn")

@@ -1,4 +1,4 @@
-"""Each training method against what DESIGN section 3 says it must compute, and its pass count."""
+"""Each training method against what docs/algorithms.md ("The methods") says it must compute, and its pass count."""
 
 import pytest
 import torch
@@ -15,7 +15,9 @@ EPS = 8 / 255
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10)
+    )
 
 
 def batch(n: int = 16, interior: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +33,9 @@ class ForwardLog:
 
     def __init__(self, model: nn.Module) -> None:
         self.calls: list[tuple[bool, bool, torch.Tensor]] = []
-        model.register_forward_pre_hook(lambda m, args: self.calls.append((m.training, torch.is_grad_enabled(), args[0].detach().clone())))
+        model.register_forward_pre_hook(
+            lambda m, args: self.calls.append((m.training, torch.is_grad_enabled(), args[0].detach().clone()))
+        )
 
     def counts(self) -> tuple[int, int, int]:
         """(eval forwards without grad, eval forwards with grad, train-mode forwards)."""
@@ -41,7 +45,7 @@ class ForwardLog:
         return no_grad, attack, train
 
 
-# (no-grad clean forwards, input-gradient forwards, train-mode forwards): DESIGN section 4
+# (no-grad clean forwards, input-gradient forwards, train-mode forwards): docs/algorithms.md#cost-in-forward-passes
 EXPECTED_PASSES = {
     "natural": (0, 0, 1),
     "pgd_at": (0, 10, 1),

@@ -30,8 +30,9 @@ def test_wide_resnet_depth_and_width_are_parameters():
         models.build("wrn34_10", 10, depth=30)
 
 
-@pytest.mark.parametrize("name,shape", [("small_cnn", (1, 8, 8)), ("small_cnn", (1, 28, 28)), ("small_cnn", (3, 32, 32)),
-                                        ("resnet18", (3, 32, 32)), ("preact_resnet18", (3, 64, 64))])
+@pytest.mark.parametrize("name,shape", [("small_cnn", (1, 8, 8)), ("small_cnn", (1, 28, 28)),
+                                        ("small_cnn", (3, 32, 32)), ("resnet18", (3, 32, 32)),
+                                        ("preact_resnet18", (3, 64, 64))])
 def test_models_take_unit_images_of_any_supported_size(name, shape):
     model = models.build(name, 7, in_channels=shape[0]).eval()
     assert model(torch.rand(2, *shape)).shape == (2, 7)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backsmooth import checkpoint, cli
+from backsmooth import atomic, checkpoint, cli
 from backsmooth.errors import CheckpointError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -24,7 +24,8 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def train_command(out: Path, cache: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "backsmooth", "train", "--dataset", "synthetic", "--arch", "small_cnn",
             "--method", "backward_smoothing", "--epochs", "2", "--batch-size", "32", "--val-pgd-steps", "1",
-            "--checkpoint-every", "3", "--final-eval-examples", "50", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
+            "--checkpoint-every", "3", "--final-eval-examples", "50", "--cache-dir", str(cache), "--out", str(out),
+            "--no-progress", *extra]
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -94,7 +95,8 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resumes_identically(reference_r
     reference, cache = reference_run
     out = tmp_path / "terminated"
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(train_command(out, cache), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(train_command(out, cache), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # wait until training is under way
         time.sleep(0.05)
@@ -102,6 +104,35 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resumes_identically(reference_r
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
+    resumed = run(train_command(out, cache, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise_equal(weights(out), weights(reference))
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_one_writer_per_run_directory(reference_run, tmp_path):
+    """A second --resume while the first trains is refused and touches nothing; after SIGKILL the lock is
+    gone with the process, and the run resumes to the same weights as an uninterrupted one."""
+    reference, cache = reference_run
+    out = tmp_path / "locked"
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    first = subprocess.Popen(train_command(out, cache), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    assert _wait_for_new_checkpoint(out, first, 0.0), first.stderr.read()
+    first.send_signal(signal.SIGSTOP)  # hold it mid-training while the second process tries
+    try:
+        before = _files(out)
+        second = run(train_command(out, cache, "--resume"))
+        assert second.returncode == 2, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and "is in use by pid" in second.stderr
+        assert f"pid {first.pid} " in second.stderr
+        assert _files(out) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     resumed = run(train_command(out, cache, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert_bitwise_equal(weights(out), weights(reference))
@@ -150,14 +181,14 @@ def test_malicious_checkpoint_is_refused_without_running_it(tmp_path, monkeypatc
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
-    checkpoint.atomic_write_json(target, {"a": 1})
+    atomic.atomic_write_json(target, {"a": 1})
 
     def broken_fsync(fd):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        checkpoint.atomic_write_json(target, {"a": 2})
+        atomic.atomic_write_json(target, {"a": 2})
     assert target.read_text().strip().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -210,7 +241,7 @@ T = ["train", "--no-progress", "--epochs", "1"]
 BAD_INPUTS = [
     (T + ["--eps", "0"], "eps must be in (0, 1]"),
     (T + ["--eps", "1.5"], "eps must be in (0, 1]"),
-    (T + ["--eps", "eight"], "is not a number"),
+    (T + ["--eps", "eight"], "is not a finite number"),
     (T + ["--gamma", "0"], "gamma must be > 0"),
     (T + ["--method", "madry"], "unknown method 'madry'"),
     (T + ["--arch", "vgg19"], "unknown architecture 'vgg19'"),
@@ -247,7 +278,8 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a[len(T):] if a[:1] == ["train"] else a) for a, _ in BAD_INPUTS])
+@pytest.mark.parametrize("argv,message", BAD_INPUTS,
+                         ids=[" ".join(a[len(T):] if a[:1] == ["train"] else a) for a, _ in BAD_INPUTS])
 def test_bad_input_gives_one_line_exit_2_and_changes_nothing(workspace, argv, message, capsys, monkeypatch):
     folder, cache = workspace
     monkeypatch.chdir(folder)
@@ -286,7 +318,8 @@ def _poisoned_natural(bad_steps: set[int]):
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from backsmooth import methods
     from backsmooth.config import from_mapping
-    from backsmooth.train import TrainingDiverged, train
+    from backsmooth.errors import TrainingDiverged
+    from backsmooth.train import train
 
     steps_per_epoch = 450 // 32
     monkeypatch.setattr(methods, "build", lambda name, **kw: _poisoned_natural({steps_per_epoch + 3}))

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,16 @@ import torch
 from torch import nn
 
 from backsmooth import cli
-from backsmooth.checkpoint import atomic_write_json, write_jsonl
+from backsmooth.atomic import atomic_write_json
+from backsmooth.checkpoint import write_jsonl
 from backsmooth.config import RunConfig
 from backsmooth.errors import BacksmoothError, DataError
 from backsmooth.evaluation import evaluate, model_info
-from backsmooth.report import CIFAR10_NOTE, PLOTS, build_report, run_labels
+from backsmooth.report import PLOTS, build_report, run_labels
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LEGACY_METHOD_KEYS = ("alpha", "beta", "gamma", "steps", "grad_align_lambda")  # top-level in older config.json
+JPEG_NOTE = "a JPEG-75 copy of CIFAR-10; absolute numbers may differ from published ones by a few points."
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +33,21 @@ def real_result() -> dict[str, Any]:
                          progress=False))
 
 
-def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = "resnet18",
+def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = "resnet18", dataset: str = "cifar10",
               epoch_seconds: tuple[float, ...] = (10.0, 10.0, 10.0), val_robust: tuple[float, ...] = (0.3, 0.4, 0.5),
               val_clean: tuple[float, ...] = (0.6, 0.7, 0.8), summary: tuple[float, float] | None = (0.8, 0.45),
-              **config: Any) -> Path:
-    """config.json, metrics.jsonl and (optionally) summary.json as `backsmooth train` writes them."""
+              data_note: str | None = None, legacy: bool = False, **config: Any) -> Path:
+    """config.json, metrics.jsonl and (optionally) summary.json as `backsmooth train` writes them; `legacy`: the
+    config.json of older runs (method hyperparameters as top-level keys, null when unset, no method_options);
+    `data_note`: summary.json's data note (None: an older summary.json without one)."""
     run = root / name
-    cfg = RunConfig(dataset="cifar10", arch=arch, method=method, seed=seed, epochs=3, batch_size=128, out=str(run),
+    cfg = RunConfig(dataset=dataset, arch=arch, method=method, seed=seed, epochs=3, batch_size=128, out=str(run),
                     **config)
-    atomic_write_json(run / "config.json", cfg.to_dict())
+    config_json = cfg.to_dict()
+    if legacy:
+        options = config_json.pop("method_options")
+        config_json |= {key: options.get(key) for key in LEGACY_METHOD_KEYS}
+    atomic_write_json(run / "config.json", config_json)
     rows, total = [], 0.0
     for epoch, (seconds, robust, clean) in enumerate(zip(epoch_seconds, val_robust, val_clean), 1):
         total += seconds
@@ -47,9 +57,9 @@ def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = 
     write_jsonl(run / "metrics.jsonl", rows)
     if summary is not None:
         best = dict(epoch=len(rows), clean_acc=summary[0], pgd20_acc=summary[1])
-        atomic_write_json(run / "summary.json", dict(
-            run_dir=str(run), method=method, arch=arch, dataset="cifar10", eps=cfg.eps, epochs=3, train_seconds=total,
-            best_epoch=len(rows), test_examples=1000, processes=1, best=best, last=best))
+        data = dict(run_dir=str(run), method=method, arch=arch, dataset=dataset, eps=cfg.eps, epochs=3,
+                    train_seconds=total, best_epoch=len(rows), test_examples=1000, processes=1, best=best, last=best)
+        atomic_write_json(run / "summary.json", data if data_note is None else data | dict(data_note=data_note))
     return run
 
 
@@ -69,10 +79,12 @@ def write_eval(run: Path, name: str, result: dict[str, Any], which: str, clean: 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, real_result) -> list[Path]:
-    """TRADES (default 10 steps), two seeds of Backward Smoothing (one evaluated), an unfinished PGD-AT."""
+    """TRADES (default 10 steps), two seeds of Backward Smoothing (one evaluated), an unfinished PGD-AT; two runs
+    carry the same data note, one an older summary.json without it."""
     root = tmp_path_factory.mktemp("runs")
-    trades = write_run(root, "trades", method="trades", epoch_seconds=(30.0, 20.0, 20.0))
-    bs0 = write_run(root, "bs0", method="backward_smoothing", seed=0, epoch_seconds=(12.0, 5.0, 5.0))
+    trades = write_run(root, "trades", method="trades", epoch_seconds=(30.0, 20.0, 20.0), data_note=JPEG_NOTE)
+    bs0 = write_run(root, "bs0", method="backward_smoothing", seed=0, epoch_seconds=(12.0, 5.0, 5.0),
+                    data_note=JPEG_NOTE)
     write_eval(bs0, "best", real_result, "best", 0.82, {"pgd20": 0.50, "cw20": 0.48})
     write_eval(bs0, "best-aa", real_result, "best", 0.82, {"autoattack-apgd": 0.46})
     write_eval(bs0, "last", real_result, "last", 0.81, {"pgd20": 0.49, "cw20": 0.47})
@@ -132,7 +144,7 @@ def test_main_table_values(report):
     assert (pgd["epochs"], pgd["clean"], pgd["PGD-20"], pgd["examples"]) == ("2/3", "70.00", "40.00", "200 val")
     assert (pgd["train time"], pgd["time/epoch"], pgd["vs TRADES-10"]) == ("5m 00s", "2m 30s", "n/a")
     assert "cifar10 with resnet18, wrn34_10: 1000 test examples" in text and "200 validation examples" in text
-    assert CIFAR10_NOTE in text
+    assert text.count(JPEG_NOTE) == 1 and f"cifar10: {JPEG_NOTE}" in text  # once, though two runs carry it
 
 
 def test_seeds_are_aggregated(report):
@@ -167,12 +179,23 @@ def test_report_json_holds_the_rows(report, runs):
     (group,) = data["seed_groups"]
     assert group["clean_acc"] == pytest.approx(dict(mean=0.83, std=2 ** 0.5 / 100))
     assert group["cw_acc"] is None and group["seeds"] == [0, 1]
+    assert data["notes"][-1] == f"cifar10: {JPEG_NOTE}"
+
+
+def test_report_json_keeps_the_keys_of_earlier_reports(report):
+    """Rows and seed groups serialise with the keys of the committed reports, so they stay comparable."""
+    data = json.loads((report.parent / "report.json").read_text())
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    earlier = json.loads((docs / "study-seeds" / "report.json").read_text())
+    assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0])}
+    assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0])
 
 
 def test_only_trades_with_ten_steps_is_the_reference(tmp_path):
-    trades5 = write_run(tmp_path, "trades5", method="trades", steps=5)
+    trades5 = write_run(tmp_path, "trades5", method="trades", method_options={"steps": 5})
+    trades5_old = write_run(tmp_path, "trades5-old", method="trades", method_options={"steps": 5}, legacy=True)
     bs = write_run(tmp_path, "bs", method="backward_smoothing")
-    rows = markdown_table(build_report([trades5, bs], tmp_path / "out").read_text(), "run")
+    rows = markdown_table(build_report([trades5, trades5_old, bs], tmp_path / "out").read_text(), "run")
     assert {row["vs TRADES-10"] for row in rows.values()} == {"n/a"}
 
 
@@ -185,6 +208,61 @@ def test_labels_name_the_settings_that_differ():
     assert run_labels(configs, with_seed=False)[1:3] == ["backward_smoothing gamma=2"] * 2
 
 
+def test_old_and_new_configs_label_alike():
+    """Method options nested in method_options (new) or top-level with nulls (old) give the same labels."""
+    old = RunConfig(method="trades").to_dict()
+    old = {k: v for k, v in old.items() if k != "method_options"} | dict.fromkeys(LEGACY_METHOD_KEYS)
+    new = RunConfig(method="trades").to_dict()
+    configs = [old | dict(beta=6.0, seed=0), new | dict(method_options={"beta": 6.0}, seed=1),
+               new | dict(method_options={"beta": 1.0}, seed=0), old | dict(beta=1.0, seed=1)]
+    assert run_labels(configs) == ["trades beta=6 seed=0", "trades beta=6 seed=1", "trades beta=1 seed=0",
+                                   "trades beta=1 seed=1"]
+    assert run_labels(configs, with_seed=False) == ["trades beta=6"] * 2 + ["trades beta=1"] * 2
+    # method options, whatever their names, come right after eps, sorted
+    configs = [new | dict(epochs=3, eps=8 / 255, method_options={"zeta": 1.0, "alpha": 0.1}),
+               new | dict(epochs=5, eps=4 / 255, method_options={"zeta": 2.0, "alpha": 0.2})]
+    assert run_labels(configs) == ["trades eps=8/255 alpha=0.1 zeta=1 epochs=3",
+                                   "trades eps=4/255 alpha=0.2 zeta=2 epochs=5"]
+
+
+def test_old_and_new_run_directories_group_alike(tmp_path):
+    old = write_run(tmp_path, "old", method="trades", seed=0, method_options={"beta": 6.0}, legacy=True)
+    new = write_run(tmp_path, "new", method="trades", seed=1, method_options={"beta": 6.0}, summary=(0.82, 0.47))
+    other = write_run(tmp_path, "other", method="trades", seed=0, method_options={"beta": 1.0})
+    text = build_report([old, new, other], tmp_path / "out").read_text()
+    rows = markdown_table(text, "run")
+    assert list(rows) == [("trades beta=6 seed=0", "best (epoch 3)"), ("trades beta=6 seed=1", "best (epoch 3)"),
+                          ("trades beta=1 seed=0", "best (epoch 3)")]
+    assert {row["vs TRADES-10"] for row in rows.values()} == {"1.00x"}  # steps unset in both forms: TRADES-10
+    groups = markdown_table(text, "runs")
+    assert list(groups) == [("trades beta=6", "best")] and groups["trades beta=6", "best"]["seeds"] == "0, 1"
+
+
+def test_a_data_note_in_summary_json_is_printed(tmp_path):
+    run = write_run(tmp_path, "noted", method="trades", data_note=JPEG_NOTE)
+    report = build_report([run], tmp_path / "out")
+    assert f"cifar10: {JPEG_NOTE}" in report.read_text()
+    assert json.loads((report.parent / "report.json").read_text())["notes"][-1] == f"cifar10: {JPEG_NOTE}"
+
+
+@pytest.mark.parametrize(("dataset", "data_note"), [("synthetic", None), ("digits", ""), ("cifar10", None)])
+def test_runs_without_a_data_note_get_none(tmp_path, dataset, data_note):
+    """No note from the dataset's name: older runs (no data_note, even for cifar10) and empty notes add none."""
+    run = write_run(tmp_path, "run", method="trades", dataset=dataset, data_note=data_note)
+    report = build_report([run], tmp_path / "out")
+    text = report.read_text()
+    assert "JPEG" not in text and "CIFAR" not in text and "shared/data" not in text
+    notes = json.loads((report.parent / "report.json").read_text())["notes"]
+    assert len(notes) == 2 and notes[0].startswith("Data and models:") and notes[1].startswith("Accuracies in %")
+
+
+def test_import_backsmooth_report_does_not_import_torch():
+    """Formatting a report needs neither torch nor the evaluation suite (and its AutoAttack adapter)."""
+    code = ("import sys, backsmooth.report; "
+            "assert 'torch' not in sys.modules and 'backsmooth.evaluation' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_bad_run_directories_are_one_line_errors(tmp_path, runs):
     with pytest.raises(DataError, match="run directory .*missing not found"):
         build_report([tmp_path / "missing"], tmp_path / "out")
@@ -195,6 +273,14 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, runs):
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"epoch": 1, "train_seconds": 1.0, "total_tr\n')
     with pytest.raises(DataError, match="metrics.jsonl line 1 is not valid JSON"):
         build_report([tmp_path / "empty"], tmp_path / "out")
+    bad = write_run(tmp_path, "bad", method="trades", data_note=JPEG_NOTE)
+    summary = json.loads((bad / "summary.json").read_text())
+    atomic_write_json(bad / "summary.json", summary | dict(data_note=["not", "text"]))
+    with pytest.raises(DataError, match="summary.json has an invalid 'data_note'"):
+        build_report([bad], tmp_path / "out")
+    atomic_write_json(bad / "config.json", RunConfig().to_dict() | dict(method_options=5))
+    with pytest.raises(DataError, match="config.json has an invalid 'method_options'"):
+        build_report([bad], tmp_path / "out")
     with pytest.raises(BacksmoothError, match="given twice"):
         build_report([runs[0], runs[0]], tmp_path / "out")
     assert not (tmp_path / "out").exists()

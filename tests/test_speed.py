@@ -1,5 +1,5 @@
 """Speed paths: mixed precision agrees with fp32, fp16 trains with its scaler, and the benchmark's
-pass counts equal the floor of DESIGN section 4 for every method."""
+pass counts equal the floor of docs/algorithms.md#cost-in-forward-passes for every method."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backsmooth import cli, methods, models
-from backsmooth.bench import FLOOR_F, TRADESReference, count_passes, run_benchmark
+from backsmooth.bench import TRADESReference, count_passes, run_benchmark
 from backsmooth.config import from_mapping
 from backsmooth.runtime import autocast
 from backsmooth.train import train
@@ -57,9 +57,8 @@ def test_benchmark_pass_counts_equal_the_floor(name):
     method = TRADESReference() if name == "trades_reference" else methods.build(name)
     passes = count_passes(model, method, x, y)
     # trades_reference is the reference code's structure: 10 x (2 forwards + input backward) + 3 forwards
-    # + backward = 39F, which DESIGN rounds to "about 40"
-    expected = 39 if name == "trades_reference" else FLOOR_F[name]
-    assert passes.f_units == expected
+    # + backward = 39F ("about 40F" in docs/algorithms.md#cost-in-forward-passes)
+    assert passes.f_units == method.floor_units()
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):

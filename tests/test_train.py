@@ -20,11 +20,13 @@ def run_config(tmp_path, **overrides):
 def test_training_writes_the_run_directory(tmp_path):
     summary = train(run_config(tmp_path, method="backward_smoothing"), progress=False)
     run = tmp_path / "run"
-    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "last.pt", "best.pt", "summary.json"} <= {p.name for p in run.iterdir()}
+    expected = {"config.json", "metrics.jsonl", "checkpoint.pt", "last.pt", "best.pt", "summary.json"}
+    assert expected <= {p.name for p in run.iterdir()}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     for row in rows:
-        assert {"lr", "train_loss", "train_kl", "train_seconds", "val_clean_acc", "val_pgd2_acc", "images_per_second"} <= set(row)
+        assert {"lr", "train_loss", "train_kl", "train_seconds", "val_clean_acc", "val_pgd2_acc",
+                "images_per_second"} <= set(row)
         assert 0 <= row["val_pgd2_acc"] <= row["val_clean_acc"] <= 1
         assert row["train_seconds"] > 0
     config = json.loads((run / "config.json").read_text())
@@ -51,7 +53,8 @@ def test_learning_rate_follows_the_schedule_per_iteration(tmp_path):
 def test_cli_demo_table_and_eval(tmp_path, capsys):
     out = tmp_path / "cli-run"
     code = cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--val-pgd-steps", "1",
-                     "--final-eval-examples", "50", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"])
+                     "--final-eval-examples", "50", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                     "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "PGD-20" in printed and "last" in printed and "best" in printed and "training time" in printed

@@ -2,14 +2,12 @@
 
 Reports the median over repetitions after warm-up, images per second, the ratios to natural
 training and to our TRADES-10, the passes each step makes (counted with hooks) against the
-floor of DESIGN section 4, and peak memory. A benchmark-only row, `trades_reference`, recreates
+floor of docs/algorithms.md#cost-in-forward-passes, and peak memory. A benchmark-only row, `trades_reference`, recreates
 the pass structure of the TRADES reference code (clean forward recomputed in every attack step
 and in the loss) so both comparisons of the paper can be read off one table.
 """
 
-import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import time
@@ -20,18 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth import methods, models
-from backsmooth.checkpoint import atomic_write_json
-from backsmooth.config import PRECISIONS, parse_number
 from backsmooth.data import ArrayDataset, DeviceLoader
-from backsmooth.errors import ConfigError
 from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, TrainingMethod
 from backsmooth.runtime import resolve_device, synchronize
-from backsmooth.train import training_step
+from backsmooth.step import training_step
 
-# Floor of DESIGN section 4 in units of one forward pass F (GradAlign: "about 15").
-FLOOR_F = {"natural": 3, "pgd_at": 23, "trades": 27, "fgsm_rs": 5, "fast_trades": 9, "backward_smoothing": 11,
-           "gradalign": 15, "trades_reference": 40}
+REFERENCE = "trades_reference"  # the benchmark-only row below
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +32,11 @@ class TRADESReference(TRADES):
     """TRADES-10 with the reference code's pass structure, for timing only: each attack step runs the
     clean forward again beside the adversarial one, and the loss runs the clean forward twice."""
 
-    name = "trades_reference"
+    name = REFERENCE
     summary = "benchmark only: TRADES-10 as the reference code computes it (about 40F)"
 
+    def floor_units(self) -> int:
+        return 39  # 10 x (2 forwards + an input backward) + 3 forwards + their backward: "about 40F"
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -61,7 +56,8 @@ class TRADESReference(TRADES):
 
 @dataclasses.dataclass
 class PassCount:
-    """Forward calls of one training step, split by what their backward costs (DESIGN section 4)."""
+    """Forward calls of one training step, split by what their backward costs
+    (docs/algorithms.md#cost-in-forward-passes)."""
 
     clean_forward: int = 0  # eval-mode forwards whose input needs no gradient (targets): 1F
     input_gradient: int = 0  # eval-mode forwards differentiated w.r.t. the input (attack steps): 2F
@@ -100,9 +96,10 @@ def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor)
 
 
 def _method(name: str, eps: float) -> TrainingMethod:
-    if name == "trades_reference":
+    if name == REFERENCE:
         return TRADESReference(eps=eps)
-    return methods.build(name, **({"eps": eps} if name != "natural" else {}))
+    takes_eps = "eps" in methods.method_class(name).hyperparameter_names()
+    return methods.build(name, **({"eps": eps} if takes_eps else {}))
 
 
 def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, device: torch.device, precision: str,
@@ -158,10 +155,8 @@ def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), b
                   seed: int = 0) -> dict[str, Any]:
     """Time every method on the same model, batch and device; see the module docstring."""
     dev = resolve_device(device)
-    names = method_names or (*methods.names(), "trades_reference")
-    unknown = [n for n in names if n not in FLOOR_F]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r} for bench; choose from: {', '.join(FLOOR_F)}")
+    names = method_names or (*methods.names(), REFERENCE)
+    built = {name: _method(name, eps) for name in names}  # unknown names fail here, before any timing
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
@@ -171,7 +166,7 @@ def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), b
         net = models.build(arch, num_classes, in_channels=image_shape[0]).to(dev)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
-        method = _method(name, eps)
+        method = built[name]
         passes = count_passes(net, method, x, y)
         model = torch.compile(net) if compile else net
         if dev.type == "cuda":
@@ -181,12 +176,12 @@ def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), b
         rows.append({
             "method": name, "seconds_per_step": median, "seconds_per_repeat": times,
             "images_per_second": batch_size / median,
-            "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": FLOOR_F[name],
+            "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": method.floor_units(),
             "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         })
     by_name = {row["method"]: row for row in rows}
     for row in rows:
-        for reference in ("natural", "trades"):
+        for reference in ("natural", "fgsm_rs", "trades"):
             if reference in by_name:
                 row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
     result: dict[str, Any] = {
@@ -216,57 +211,23 @@ def _device_name(device: torch.device) -> str:
     return f"{cpu} CPU ({torch.get_num_threads()} threads)"
 
 
-def format_table(result: dict[str, Any]) -> str:
+def bench_table(result: dict[str, Any]) -> str:
     lines = [f"{result['arch']}, batch {result['batch_size']}, {'x'.join(map(str, result['image_shape']))}, "
              f"{result['device_name']}, {result['precision']}"
              f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}",
-             f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x TRADES-10':>11} "
+             f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x FGSM-RS':>9} {'x TRADES-10':>11} "
              f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
     for row in result["rows"]:
         p = row["passes"]
         passes = f"{p['clean_forward']}/{p['input_gradient']}/{p['training']}/{p['double_backprop']}"
         memory = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
+        ratios = " ".join(f"{row.get(f'ratio_to_{r}', float('nan')):>{w}.{d}f}"
+                          for r, w, d in (("natural", 9, 2), ("fgsm_rs", 9, 2), ("trades", 11, 3)))
         lines.append(f"{row['method']:<20} {row['seconds_per_step']:>8.4f} {row['images_per_second']:>8.0f} "
-                     f"{row.get('ratio_to_natural', float('nan')):>9.2f} {row.get('ratio_to_trades', float('nan')):>11.3f} "
-                     f"{passes:>19} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
+                     f"{ratios} {passes:>19} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
     if "data_pipeline" in result:
         d = result["data_pipeline"]
         lines.append(f"data pipeline: {d['seconds_per_epoch']:.3f} s per epoch of {d['images']} images = "
-                     f"{d['fraction_of_natural_epoch']:.2%} of a natural training epoch ({d['natural_epoch_seconds']:.1f} s)")
+                     f"{d['fraction_of_natural_epoch']:.2%} of a natural training epoch "
+                     f"({d['natural_epoch_seconds']:.1f} s)")
     return "\n".join(lines)
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="small_cnn")
-    parser.add_argument("--methods", default="", help="comma-separated (default: all, plus trades_reference)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--eps", default="8/255")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
-    parser.add_argument("--epoch-images", type=int, default=50_000, help="images in the data-pipeline epoch (0: skip)")
-    parser.add_argument("--json", help="write all results to this JSON file")
-
-
-def main_bench(args: argparse.Namespace) -> int:
-    for flag in ("batch_size", "image_size", "channels", "num_classes", "repeats", "steps"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup < 0 or args.epoch_images < 0:
-        raise ConfigError("--warmup and --epoch-images must be >= 0")
-    names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
-    result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
-                           args.num_classes, parse_number(args.eps, "--eps"), args.device, args.precision,
-                           args.channels_last, args.compile, args.warmup, args.repeats, args.steps,
-                           args.epoch_images)
-    print(format_table(result))
-    if args.json:
-        atomic_write_json(args.json, result)
-    return 0

@@ -1,43 +1,17 @@
-"""Files that survive crashes: atomic writes, safe (weights-only) loading, checkpoint rotation.
-
-Every file is written to a temporary name in the same directory, flushed, fsynced and renamed,
-so a crash leaves either the old file or the new one, never a truncated one.
-"""
+"""Checkpoints and model files: atomic saving (atomic.py), safe (weights-only) loading, and loading a
+trained model with its metadata."""
 
 import io
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from backsmooth import models
+from backsmooth.atomic import atomic_write_bytes, atomic_write_text
 from backsmooth.errors import CheckpointError
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -105,8 +79,6 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """A trained model from a run directory (its best.pt, else last.pt) or a model file, with its metadata."""
-    from backsmooth import models  # local: models do not depend on checkpoints
-
     path = Path(path)
     if path.is_dir():
         candidates = [path / "best.pt", path / "last.pt"]

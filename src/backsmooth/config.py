@@ -1,7 +1,8 @@
-"""Typed run configuration: defaults, presets, files (TOML/YAML) and validation with clear messages.
+"""Typed run configuration: defaults, files (TOML/YAML/JSON) and validation with clear messages.
 
 Precedence: dataclass defaults < preset < config file < command-line flags. Every value is
-checked once, here, so a mistake costs a one-line error instead of a run.
+checked once, here, so a mistake costs a one-line error instead of a run. The lists of valid
+names (datasets, architectures, methods and their options) come from their registries.
 """
 
 import dataclasses
@@ -18,12 +19,18 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from backsmooth import methods, models
+from backsmooth.data import dataset_kind, dataset_names
 from backsmooth.errors import ConfigError
+from backsmooth.schedules import SCHEDULES
 
-SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("digits", "mnist", "cifar10", "cifar100", "tiny_imagenet", "folder", "synthetic")
-METHOD_HYPERPARAMETERS = ("alpha", "beta", "gamma", "steps", "grad_align_lambda")
+
+
+def _field(default: Any, help: str = "") -> Any:
+    """A RunConfig field with the help text of its command-line flag."""
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -31,50 +38,46 @@ class RunConfig:
     """Everything a training run depends on; saved as config.json in the run directory."""
 
     # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    cache_dir: str | None = None
-    val_size: int | None = None  # None: min(1000, 10% of the training set)
+    dataset: str = _field("digits", "dataset name (see `backsmooth presets` and docs/data.md)")
+    data_dir: str | None = _field(None, "folder holding the dataset files (see docs/data.md)")
+    download: bool = _field(False, "download CIFAR-10/100 into --data-dir (checksum verified)")
+    cache_dir: str | None = _field(None, "folder of decoded datasets (default $BACKSMOOTH_CACHE or ~/.cache)")
+    val_size: int | None = _field(None, "validation examples held out from the training set (default: the "
+                                        "dataset's, 1000 for the large ones)")
     # model
-    arch: str = "small_cnn"
-    # method; None means the method's own default
-    method: str = "backward_smoothing"
-    eps: float = 8 / 255
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    steps: int | None = None
-    grad_align_lambda: float | None = None
+    arch: str = _field("small_cnn", "architecture name, or MODULE:FUNCTION for your own model factory")
+    # method: the run's radius; the method's own options go to method_options (flat keys in files and flags)
+    method: str = _field("backward_smoothing", "training method name, or MODULE:CLASS for your own method")
+    eps: float = _field(8 / 255, "L-inf radius in [0, 1] pixel units; fractions like 8/255 are accepted")
+    method_options: dict[str, Any] = _field({}, "the method's hyperparameters (each is also a flag)")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "stage"
+    epochs: int = _field(10)
+    batch_size: int = _field(128)
+    lr: float = _field(0.1, "peak learning rate of the schedule")
+    momentum: float = _field(0.9)
+    weight_decay: float = _field(5e-4)
+    schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: {', '.join(SCHEDULES)}")
     # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
-    val_pgd_steps: int = 20
-    eval_batch_size: int = 256
+    val_pgd_steps: int = _field(20, "PGD steps of the per-epoch validation (0: clean accuracy only)")
+    eval_batch_size: int = _field(256)
     # after training: clean and PGD-20 of the last and best models on a stratified test subset (0: skip)
-    final_eval_examples: int = 1000
-    # execution
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    log_every: int = 20
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
-    on_nonfinite: str = "stop"  # "stop" or "skip"
-    out: str | None = None  # run directory; None: runs/<method>-<dataset>-<arch>-<time>
+    final_eval_examples: int = _field(1000, "test examples of the final clean / PGD-20 check (0: skip)")
+    # runtime
+    seed: int = _field(0)
+    device: str = _field("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    precision: str = _field("fp32", f"one of {', '.join(PRECISIONS)} (fp16 on GPU, with a gradient scaler)")
+    channels_last: bool = _field(False)
+    compile: bool = _field(False, "torch.compile the model (pays on long runs)")
+    sync_bn: bool = _field(False, "synchronised BatchNorm under torchrun (CUDA only)")
+    log_every: int = _field(20)
+    checkpoint_every: int = _field(0, "also checkpoint every N steps (0: at epoch ends only)")
+    on_nonfinite: str = _field("stop", "stop (default) or skip steps whose loss is not finite")
+    out: str | None = _field(None, "run directory (default: runs/<method>-<dataset>-<arch>-<time>)")
 
     def method_hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters to pass to `methods.build`: eps where the method has one, plus set ones."""
-        accepted = methods.method_class(self.method).hyperparameter_names()
-        chosen = {k: getattr(self, k) for k in METHOD_HYPERPARAMETERS if getattr(self, k) is not None}
-        if "eps" in accepted:
+        """The keyword arguments of `methods.build`: the set options, plus eps where the method has one."""
+        chosen = dict(self.method_options)
+        if "eps" in methods.method_class(self.method).hyperparameter_names():
             chosen["eps"] = self.eps
         return chosen
 
@@ -85,18 +88,45 @@ class RunConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
+def field_help(name: str) -> str:
+    """The help of a RunConfig field or method option, with the registries' current names."""
+    if name == "dataset":
+        return f"one of: {', '.join(dataset_names())}"
+    if name == "arch":
+        return f"one of: {', '.join(models.names())}, or MODULE:FUNCTION"
+    if name == "method":
+        return f"one of: {', '.join(methods.names())}, or MODULE:CLASS"
+    if name in _FIELDS:
+        return _FIELDS[name].metadata.get("help", "")
+    option = methods.options()[name]
+    return f"{option.help} ({', '.join(methods.takers(name))})"
+
+
+def option_names() -> tuple[str, ...]:
+    """Every method option name that config files and flags accept at the top level."""
+    return tuple(methods.options())
+
+
 def parse_number(text: str, what: str = "") -> float:
     """A finite float or a fraction such as '8/255'; `what` (a flag or key) names it in the error."""
     try:
         return float(fractions.Fraction(text.strip()))
     except (ValueError, ZeroDivisionError, OverflowError):
-        raise ConfigError(f"{what + ' ' if what else ''}{text!r} is not a finite number (write 0.0314 or 8/255)") from None
+        named = f"{what} " if what else ""
+        raise ConfigError(f"{named}{text!r} is not a finite number (write 0.0314 or 8/255)") from None
+
+
+def _kinds(key: str) -> set[Any]:
+    """The accepted value types of field or option `key` (NoneType included where it may be empty)."""
+    if key in _FIELDS:
+        annotation = _FIELDS[key].type
+        return set(get_args(annotation)) or {annotation}
+    return {methods.options()[key].kind, type(None)}
 
 
 def _coerce(key: str, value: Any) -> Any:
     """Check one value against the field's type; accept fractions like '8/255' for floats."""
-    annotation = _FIELDS[key].type
-    kinds = set(get_args(annotation)) or {annotation}
+    kinds = _kinds(key)
     if value is None:
         if type(None) in kinds:
             return None
@@ -122,7 +152,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def parse_flag(key: str, text: str) -> Any:
     """A command-line string converted to the type of config field `key`."""
-    kinds = set(get_args(_FIELDS[key].type)) or {_FIELDS[key].type}
+    kinds = _kinds(key)
     if int in kinds:
         try:
             return int(text)
@@ -133,7 +163,7 @@ def parse_flag(key: str, text: str) -> Any:
     return text
 
 
-def _require(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
@@ -141,53 +171,75 @@ def _require(ok: bool, message: str) -> None:
 def validate(config: RunConfig) -> RunConfig:
     """Range and combination checks; raises ConfigError with a one-line fix-it message."""
     c = config
-    _require(c.dataset in DATASETS, f"unknown dataset {c.dataset!r}; choose one of: {', '.join(DATASETS)}")
-    _require(c.arch in models.names(), f"unknown architecture {c.arch!r}; choose one of: {', '.join(models.names())}")
-    methods.method_class(c.method)
-    _require(0 < c.eps <= 1, f"eps must be in (0, 1] in pixel units (8/255 = 0.0314), got {c.eps}")
-    _require(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
-    _require(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
-    _require(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
-    _require(c.lr > 0, f"lr must be > 0, got {c.lr}")
-    _require(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
-    _require(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
-    _require(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    _require(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
+    kind = dataset_kind(c.dataset)
+    models.factory(c.arch)
+    cls = methods.method_class(c.method)
+    _check(0 < c.eps <= 1, f"eps must be in (0, 1] in pixel units (8/255 = 0.0314), got {c.eps}")
+    _check(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
+    _check(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
+    _check(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
+    _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    _check(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
+    _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    _check(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    _check(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
              f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
-    _require(c.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be one of stop, skip, got {c.on_nonfinite!r}")
-    _require(c.val_size is None or c.val_size >= 0, f"val_size must be >= 0, got {c.val_size}")
-    _require(c.val_pgd_steps >= 0, f"val_pgd_steps must be >= 0, got {c.val_pgd_steps}")
-    _require(c.final_eval_examples >= 0, f"final_eval_examples must be >= 0, got {c.final_eval_examples}")
-    _require(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
-    _require(c.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {c.checkpoint_every}")
-    _require(c.dataset in ("digits", "synthetic") or c.data_dir is not None or c.download,
+    _check(c.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be one of stop, skip, got {c.on_nonfinite!r}")
+    _check(c.val_size is None or c.val_size >= 0, f"val_size must be >= 0, got {c.val_size}")
+    _check(c.val_pgd_steps >= 0, f"val_pgd_steps must be >= 0, got {c.val_pgd_steps}")
+    _check(c.final_eval_examples >= 0, f"final_eval_examples must be >= 0, got {c.final_eval_examples}")
+    _check(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")
+    _check(c.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {c.checkpoint_every}")
+    _check(not kind.needs_files or c.data_dir is not None or c.download,
              f"dataset {c.dataset} needs --data-dir DIR (or --download for cifar10/cifar100)")
-    accepted = methods.method_class(c.method).hyperparameter_names()
-    for key in METHOD_HYPERPARAMETERS:
-        flag = "--" + key.replace("_", "-")
-        _require(getattr(c, key) is None or key in accepted,
-                 f"{flag} does not apply to method {c.method} (it takes: {', '.join(accepted) or 'no hyperparameters'})")
+    accepted = [o.name for o in cls.options()]
+    for key in c.method_options:
+        _check(key in accepted, f"--{key.replace('_', '-')} does not apply to method {c.method} "
+                                  f"(it takes: {', '.join(accepted) or 'no hyperparameters'})")
     methods.build(c.method, **c.method_hyperparameters())  # the method's own range checks
     return c
 
 
 def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:
-    """Overlay `values` on `base` (default: the defaults), type-checked; unknown keys are errors."""
-    unknown = sorted(set(values) - set(_FIELDS))
+    """Overlay `values` on `base` (default: the defaults), type-checked; unknown keys are errors.
+
+    Method options may be given flat (`beta = 6`) or as a `method_options` table; an empty (None)
+    option means "the method's default". A MODULE:CLASS method is imported first so its options count.
+    """
+    if isinstance(values.get("method"), str):
+        methods.method_class(values["method"])
+    values = dict(values)
+    nested = values.pop("method_options", None) or {}
+    if not isinstance(nested, Mapping):
+        raise ConfigError(f"method_options must be a table of option = value, got {nested!r}")
+    options = option_names()
+    unknown = sorted(str(k) for k in (*values, *nested)
+                     if (k not in _FIELDS or k == "method_options") and k not in options)
     if unknown:
-        raise ConfigError(f"unknown {source} key {unknown[0]!r}; valid keys: {', '.join(_FIELDS)}")
+        raise ConfigError(f"unknown {source} key {unknown[0]!r}; valid keys: {', '.join(_FIELDS)} and the "
+                          f"method options {', '.join(options)}")
     merged = dataclasses.asdict(base or RunConfig())
-    merged.update({k: _coerce(k, v) for k, v in values.items()})
-    return RunConfig(**merged)
+    chosen = dict(merged.pop("method_options"))
+    for key, value in (*values.items(), *nested.items()):
+        if key in _FIELDS:
+            merged[key] = _coerce(key, value)
+        elif value is None:
+            chosen.pop(key, None)
+        else:
+            chosen[key] = _coerce(key, value)
+    return RunConfig(**merged, method_options=chosen)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (.toml) or YAML (.yaml/.yml) file of config keys."""
+    """A TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file of config keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config file {path} ({error}); save it as UTF-8 text") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -209,48 +261,3 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of keys, not {type(data).__name__}")
     return data
-
-
-# ----------------------------------------------------------------------------- presets
-
-_PAPER = dict(epochs=100, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="stage",
-              eps=8 / 255, val_size=1000)
-
-
-def _paper_presets() -> dict[str, dict[str, Any]]:
-    """The paper's settings for every dataset x architecture x method (DESIGN section 3)."""
-    presets: dict[str, dict[str, Any]] = {}
-    for dataset in ("cifar10", "cifar100", "tiny_imagenet"):
-        for arch in ("resnet18", "wrn34_10", "preact_resnet18"):
-            for method in methods.names():
-                if arch == "preact_resnet18" and method not in ("fgsm_rs", "gradalign"):
-                    continue
-                values = dict(_PAPER, dataset=dataset, arch=arch, method=method)
-                if method == "fgsm_rs":
-                    values.update(schedule="cyclic", lr=0.1)  # Fast AT: cyclic schedule peaking at 0.2
-                presets[f"{dataset}-{arch}-{method}"] = values
-    return presets
-
-
-def _cpu_presets() -> dict[str, dict[str, Any]]:
-    """Small settings that finish in minutes on a laptop CPU with `small_cnn`."""
-    presets: dict[str, dict[str, Any]] = {}
-    scale = {
-        "digits": dict(dataset="digits", eps=0.1, epochs=30, batch_size=64, lr=0.05, val_size=180),
-        "mnist": dict(dataset="mnist", eps=0.3, epochs=3, lr=0.05, val_size=1000),
-        "cifar10": dict(dataset="cifar10", eps=8 / 255, epochs=5, lr=0.05, val_size=1000),
-    }
-    for name, values in scale.items():
-        for method in methods.names():
-            presets[f"cpu-{name}-{method}"] = dict(values, arch="small_cnn", method=method, schedule="cosine")
-    presets["demo"] = presets["cpu-digits-backward_smoothing"]
-    return presets
-
-
-PRESETS: dict[str, dict[str, Any]] = {**_cpu_presets(), **_paper_presets()}
-
-
-def preset(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; run `backsmooth presets` to list them")
-    return dict(PRESETS[name])

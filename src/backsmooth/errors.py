@@ -19,6 +19,14 @@ class CheckpointError(BacksmoothError):
     """A checkpoint that cannot be loaded safely or does not fit the model."""
 
 
+class TrainingDiverged(BacksmoothError):
+    """The loss became non-finite; the last good checkpoint is kept (exit code EXIT_DIVERGED)."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the state was saved and the same command resumes (exit code EXIT_INTERRUPTED)."""
+
+
 EXIT_USAGE = 2  # a BacksmoothError: bad input, one line on stderr, nothing written
 EXIT_DIVERGED = 3  # training stopped on a non-finite loss
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving its state; the same command resumes

@@ -3,6 +3,8 @@
 
 import math
 
+SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant")
+
 
 def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
     """The learning rate for iteration `step` (0-based) of `total_steps`.

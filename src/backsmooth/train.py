@@ -1,14 +1,11 @@
 """The training loop: optimiser, schedule, precision, checkpoints, timing, metrics, and DDP.
 
-Run directory: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (everything needed
-to resume exactly; checkpoint.prev.pt is the one before), last.pt and best.pt (model weights and
-metadata, loadable with `torch.load(path, weights_only=True)`), summary.json (final test results).
-Under torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
+`Trainer` reads top-down: build data, model, method, optimiser and loader; restore a checkpoint;
+run the epochs; evaluate last and best. The run directory (run_dir.py) owns every file. Under
+torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
 """
 
 import dataclasses
-import json
-import shutil
 import signal
 import sys
 import threading
@@ -24,24 +21,15 @@ from tqdm import tqdm
 
 from backsmooth import checkpoint, methods, models
 from backsmooth import distributed as dist
+from backsmooth.accuracy import correct_under_attack, stratified_subset
 from backsmooth.attacks import pgd
 from backsmooth.config import RunConfig, validate
-from backsmooth.data import DatasetSplits, DeviceLoader, load_dataset
-from backsmooth.errors import BacksmoothError, CheckpointError, ConfigError
-from backsmooth.accuracy import correct_under_attack, stratified_subset
-from backsmooth.runtime import Stopwatch, autocast
+from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
+from backsmooth.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from backsmooth.run_dir import RunDirectory
+from backsmooth.runtime import Stopwatch
 from backsmooth.schedules import learning_rate
-
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "last.pt", "best.pt",
-             "summary.json")
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
-
-
-class TrainingDiverged(BacksmoothError):
-    """The loss became non-finite; the last good checkpoint is kept."""
+from backsmooth.step import training_step
 
 
 @dataclasses.dataclass
@@ -60,62 +48,46 @@ class TrainState:
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def training_step(model: nn.Module, method: methods.TrainingMethod, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, x: Tensor, y: Tensor, generator: torch.Generator,
-                  device: torch.device, precision: str = "fp32", channels_last: bool = False,
-                  skip_nonfinite: bool = False) -> dict[str, Tensor] | None:
-    """One optimisation step of `method`; returns detached statistics (None if skipped as non-finite).
-
-    No host synchronisation unless `skip_nonfinite` (which must inspect the loss).
-    """
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    stats: dict[str, Tensor] = {}
-    with autocast(device, precision):
-        loss = method(model, x, y, generator=generator, stats=stats)
-    if skip_nonfinite and not torch.isfinite(loss):
-        return None
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    stats["loss"] = loss.detach().float()
-    stats["nonfinite"] = (~torch.isfinite(stats["loss"])).float()
-    return stats
-
-
 def default_val_size(config: RunConfig) -> int:
-    if config.val_size is not None:
-        return config.val_size
-    return {"digits": 150, "synthetic": 50}.get(config.dataset, 1000)
+    """--val-size, else the dataset's own default."""
+    return config.val_size if config.val_size is not None else dataset_kind(config.dataset).default_val_size
 
 
-def check_run_dir(run_dir: Path, config: RunConfig, resume: bool, overwrite: bool) -> tuple[bool, list[str]]:
-    """Read-only check of the run directory: (resumable checkpoint present?, files to delete first).
+def load_data(config: RunConfig, proc: dist.ProcessInfo) -> DatasetSplits:
+    """The dataset splits; under torchrun rank 0 reads (and downloads, and fills the cache) first."""
+    if not proc.is_main:
+        dist.barrier(proc)
+    data = load_dataset(config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
+                        download=config.download and proc.is_main, cache_dir=config.cache_dir)
+    if proc.is_main:
+        dist.barrier(proc)
+    return data
 
-    Nothing is deleted unless `overwrite`; a resumed run must have the same configuration.
-    """
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file, not a directory; choose another --out")
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if resume:
-        saved = run_dir / "config.json"
-        if saved.exists():
-            try:
-                old = json.loads(saved.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise ConfigError(f"{saved} is not valid JSON; cannot check that --resume uses the same settings") from None
-            new = config.to_dict()
-            changed = [k for k in new if k not in ("out", "device", "log_every") and old.get(k) != new[k]]
-            if changed:
-                k = changed[0]
-                raise ConfigError(f"--resume with a different {k} ({old.get(k)!r} in {saved}, now {new[k]!r}); "
-                                  f"use the run's original settings or a new --out")
-        return any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt")), []
-    if existing and not overwrite:
-        raise ConfigError(f"run directory {run_dir} already holds a run ({existing[0]}); "
-                          f"add --resume to continue it, --overwrite to replace it, or choose another --out")
-    return False, existing
+
+def build_model(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo,
+                device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(the network, the module training calls): compiled and DDP-wrapped as the config asks."""
+    torch.manual_seed(config.seed)
+    net = models.build(config.arch, data.num_classes, in_channels=data.image_shape[0], mean=data.mean,
+                       std=data.std).to(device)
+    if config.sync_bn and proc.distributed:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: nn.Module = torch.compile(net) if config.compile else net
+    if proc.distributed:  # attacks run on the wrapped module: no gradient or buffer syncs
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return net, model
+
+
+def build_loader(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo, device: torch.device) -> DeviceLoader:
+    """Shuffled, augmented training batches; each rank gets its shard of every global batch."""
+    loader = DeviceLoader(data.train, config.batch_size, augment=data.augment, shuffle=True, drop_last=True,
+                          seed=config.seed, device=device, rank=proc.rank, world_size=proc.world_size)
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
+                          f"({len(data.train)} examples); lower --batch-size")
+    return loader
 
 
 @contextmanager
@@ -144,53 +116,41 @@ class Trainer:
         self.proc, self.device = dist.setup(config.device)
         if config.sync_bn and self.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
-        default_dir = Path("runs") / f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.run_dir = Path(config.out) if config.out else Path(dist.broadcast_object(str(default_dir), self.proc))
-        self.config.out = str(self.run_dir)
-        has_checkpoint, stale = check_run_dir(self.run_dir, self.config, resume, overwrite)
-        dist.barrier(self.proc)  # every rank has checked before rank 0 changes anything
-        self.progress = self.proc.is_main and (sys.stderr.isatty() if progress is None else progress)
         if config.on_nonfinite == "skip" and self.proc.distributed:
             raise ConfigError("--on-nonfinite skip is not supported under torchrun (ranks would diverge); use stop")
-        if not self.proc.is_main:
-            dist.barrier(self.proc)  # rank 0 downloads and fills the cache first
-        self.data: DatasetSplits = load_dataset(
-            config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
-            download=config.download and self.proc.is_main, cache_dir=config.cache_dir)
+        default_dir = Path("runs") / f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = RunDirectory(Path(config.out) if config.out else
+                                    Path(dist.broadcast_object(str(default_dir), self.proc)))
+        self.config.out = str(self.run_dir.path)
+        has_checkpoint, stale = self.run_dir.check(self.config, resume, overwrite)
         if self.proc.is_main:
-            dist.barrier(self.proc)
-        torch.manual_seed(config.seed)
-        self.net = models.build(config.arch, self.data.num_classes, in_channels=self.data.image_shape[0],
-                                mean=self.data.mean, std=self.data.std).to(self.device)
-        if config.sync_bn and self.proc.distributed:
-            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-        if config.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        model: nn.Module = torch.compile(self.net) if config.compile else self.net
-        if self.proc.distributed:  # attacks run on the wrapped module: no gradient or buffer syncs
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.model = model
+            self.run_dir.lock()  # an existing directory: refused now if another process trains in it
+        try:
+            self._build(has_checkpoint, stale, progress)
+        except BaseException:
+            self.run_dir.release()
+            raise
+
+    def _build(self, has_checkpoint: bool, stale: list[str], progress: bool | None) -> None:
+        """Data, model, method, optimiser and loader; the run directory; the checkpoint to resume."""
+        config = self.config
+        dist.barrier(self.proc)  # every rank has checked before rank 0 changes anything
+        self.progress = self.proc.is_main and (sys.stderr.isatty() if progress is None else progress)
+        self.data = load_data(config, self.proc)
+        self.net, self.model = build_model(config, self.data, self.proc, self.device)
         self.method = methods.build(config.method, **config.method_hyperparameters())
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
-        self.loader = DeviceLoader(self.data.train, config.batch_size, augment=self.data.augment, shuffle=True,
-                                   drop_last=True, seed=config.seed, device=self.device, rank=self.proc.rank,
-                                   world_size=self.proc.world_size)
-        if len(self.loader) == 0:
-            raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
-                              f"({len(self.data.train)} examples); lower --batch-size")
+        self.loader = build_loader(config, self.data, self.proc, self.device)
         # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + 1_000_003 * self.proc.rank)
         self.state = TrainState()
         self.compile_warmup_seconds = 0.0  # first step's time with --compile (excluded from training time)
         if self.proc.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for name in stale:
-                (self.run_dir / name).unlink()
+            self.run_dir.create(stale)
             if not has_checkpoint:
-                checkpoint.atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
+                self.run_dir.write_config(self.config)
         dist.barrier(self.proc)
         if has_checkpoint:
             self._restore()
@@ -222,18 +182,12 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        current = self.run_dir / "checkpoint.pt"
-        if current.exists():
-            current.replace(self.run_dir / "checkpoint.prev.pt")
-        checkpoint.save(current, state)
+        self.run_dir.save_checkpoint(state)
 
     def _restore(self) -> None:
         """Load the newest checkpoint that reads cleanly; fall back to the previous one."""
         errors = []
-        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-            path = self.run_dir / name
-            if not path.exists():
-                continue
+        for path in self.run_dir.checkpoints():
             try:
                 saved = checkpoint.load(path, map_location=self.device)
                 generators = saved["generators"]
@@ -257,9 +211,9 @@ class Trainer:
             if errors:
                 print(f"warning: {errors[0]}; resumed from {path}", file=sys.stderr)
             if self.proc.is_main:
-                checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", self.state.metrics)
+                self.run_dir.write_metrics(self.state.metrics)
             return
-        raise CheckpointError(f"no usable checkpoint in {self.run_dir}: {'; '.join(errors)}")
+        raise CheckpointError(f"no usable checkpoint in {self.run_dir.path}: {'; '.join(errors)}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -313,7 +267,7 @@ class Trainer:
                 watch.start()
             if stop:
                 bar.close()
-                raise Interrupted(str(self.run_dir))
+                raise Interrupted(str(self.run_dir.path))
         bar.close()
         self._check_finite()
         state.epoch_seconds += watch.stop()
@@ -332,15 +286,16 @@ class Trainer:
         sums["count"] = sums.get("count", 0) + 1
 
     def _mean(self, key: str) -> float:
-        count = self.state.epoch_sums.get("count", 0)
-        return float(self.state.epoch_sums[key]) / float(count) if key in self.state.epoch_sums and count else float("nan")
+        sums = self.state.epoch_sums
+        count = sums.get("count", 0)
+        return float(sums[key]) / float(count) if key in sums and count else float("nan")
 
     def _check_finite(self) -> None:
         nonfinite = float(self.state.epoch_sums.get("nonfinite", 0))
         if dist.any_process(nonfinite > 0, self.proc, self.device):
             raise TrainingDiverged(
                 f"loss became non-finite in epoch {self.state.epoch + 1} (before step {self.state.global_step}); "
-                f"the last good checkpoint is kept in {self.run_dir}; lower --lr, use --precision fp32, "
+                f"the last good checkpoint is kept in {self.run_dir.path}; lower --lr, use --precision fp32, "
                 f"or pass --on-nonfinite skip")
 
     def _accuracy(self, images: Tensor, labels: Tensor, pgd_steps: int) -> tuple[float, float]:
@@ -394,11 +349,8 @@ class Trainer:
             state.best_val_robust, state.best_epoch = score, epoch + 1
         state.epoch, state.step_in_epoch = epoch + 1, 0
         if self.proc.is_main:
-            checkpoint.save(self.run_dir / "last.pt", self._model_file(epoch + 1))
-            if improved:
-                shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
-                (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
-            checkpoint.write_jsonl(self.run_dir / "metrics.jsonl", state.metrics)
+            self.run_dir.save_model(self._model_file(epoch + 1), best=improved)
+            self.run_dir.write_metrics(state.metrics)
         self._save_checkpoint()
         if self.proc.is_main:
             print(f"epoch {epoch + 1}/{config.epochs}  loss {row.get('train_loss', float('nan')):.4f}  "
@@ -412,12 +364,13 @@ class Trainer:
         dist.barrier(self.proc)  # rank 0 has written last.pt and best.pt
         index = stratified_subset(test.labels, config.final_eval_examples, config.seed)
         images, labels = test.images[index], test.labels[index]
-        results: dict[str, Any] = {"run_dir": str(self.run_dir), "method": config.method, "arch": config.arch,
-                                   "dataset": config.dataset, "eps": config.eps, "epochs": config.epochs,
+        results: dict[str, Any] = {"run_dir": str(self.run_dir.path), "method": config.method, "arch": config.arch,
+                                   "dataset": config.dataset, "data_note": self.data.note, "eps": config.eps,
+                                   "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
                                    "test_examples": len(index), "processes": self.proc.world_size}
         for which in ("last", "best"):
-            saved = checkpoint.load(self.run_dir / f"{which}.pt", map_location=self.device)
+            saved = checkpoint.load(self.run_dir.file(f"{which}.pt"), map_location=self.device)
             epoch = saved["meta"]["epoch"]
             if which == "best" and epoch == results["last"]["epoch"]:
                 results["best"] = results["last"]  # the same weights
@@ -426,7 +379,7 @@ class Trainer:
             clean, robust = self._accuracy(images, labels, 20) if len(index) else (float("nan"), float("nan"))
             results[which] = {"epoch": epoch, "clean_acc": clean, "pgd20_acc": robust}
         if self.proc.is_main:
-            checkpoint.atomic_write_json(self.run_dir / "summary.json", results)
+            self.run_dir.write_summary(results)
         return results
 
 
@@ -434,6 +387,9 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None) -> dict[str, Any]:
     """Train according to `config`; returns the summary (also written to RUN_DIR/summary.json)."""
     trainer = Trainer(config, resume=resume, overwrite=overwrite, progress=progress)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.run_dir.release()
     dist.shutdown(trainer.proc)
     return summary

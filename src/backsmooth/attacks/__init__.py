@@ -1,4 +1,5 @@
-"""One perturbation engine for every attack: `Perturbation(loss, init, eps, step_size, steps)`."""
+"""One perturbation engine for every attack: `Perturbation(loss, init, eps, step_size, steps)`, and the
+registry of evaluation attacks by name (`register`, `parse_attack`)."""
 
 from backsmooth.attacks.engine import (
     AttackOutput,
@@ -18,6 +19,7 @@ from backsmooth.attacks.engine import (
     unwrap,
     zero_init,
 )
+from backsmooth.attacks.registry import AttackSpec, attack_forms, parse_attack, parse_attacks, register  # noqa: E402
 
 
 def pgd(eps: float, step_size: float, steps: int, random_start: bool = True) -> Perturbation:
@@ -36,6 +38,7 @@ def fgsm(eps: float) -> Perturbation:
 
 
 __all__ = [
+    "AttackSpec", "attack_forms", "parse_attack", "parse_attacks", "register",
     "AttackOutput", "Initializer", "LossFn", "Perturbation", "attack_mode", "backward_smoothing_init",
     "ce_loss", "cw", "cw_margin_loss", "fgsm", "gaussian_init", "kl_loss", "pgd", "predict_eval",
     "project", "sign_step", "uniform_init", "unwrap", "zero_init",

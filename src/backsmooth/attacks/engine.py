@@ -1,9 +1,9 @@
 """The one perturbation engine: initialiser x loss x step rule x projection, run for K steps.
 
 Every attack in training and evaluation (PGD, FGSM, TRADES' KL attack, CW, the backward-smoothing
-step) is a `Perturbation` built from these parts. `attack_mode` owns the conventions of DESIGN
-section 2: the model runs in eval mode without parameter gradients, and its previous state is
-restored afterwards.
+step) is a `Perturbation` built from these parts. `attack_mode` owns the conventions of
+docs/algorithms.md#conventions: the model runs in eval mode without parameter gradients, and its
+previous state is restored afterwards.
 """
 
 from collections.abc import Callable, Iterator

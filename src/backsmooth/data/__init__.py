@@ -6,7 +6,9 @@ See docs/data.md for the accepted files of every source.
 """
 
 from backsmooth.data.dataset import ArrayDataset, DatasetSplits
-from backsmooth.data.load import dataset_names, load_dataset
+from backsmooth.data.load import DatasetKind, dataset_kind, dataset_names, load_dataset, register
 from backsmooth.data.loader import DeviceLoader
+from backsmooth.data.sources import Source, SourceOptions
 
-__all__ = ["ArrayDataset", "DatasetSplits", "DeviceLoader", "dataset_names", "load_dataset"]
+__all__ = ["ArrayDataset", "DatasetKind", "DatasetSplits", "DeviceLoader", "Source", "SourceOptions", "dataset_kind",
+           "dataset_names", "load_dataset", "register"]

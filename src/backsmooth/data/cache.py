@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+from backsmooth.atomic import atomic_file
 
 Arrays = dict[str, np.ndarray]
 
@@ -88,18 +89,9 @@ def _read(path: Path) -> Arrays | None:
 
 def _write(path: Path, arrays: Arrays) -> None:
     """Store atomically: temporary file in the same folder, flushed to disk, then renamed into place."""
-    temp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as file:
+        with atomic_file(path) as file:
             np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes it private; the cache may be shared
-        os.replace(temp, path)
     except OSError as error:  # a read-only or full disk costs speed, not correctness
-        if temp is not None and os.path.exists(temp):
-            os.unlink(temp)
         warnings.warn(f"could not write the dataset cache {path}: {error}; set --cache-dir or BACKSMOOTH_CACHE",
                       stacklevel=3)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from backsmooth.atomic import atomic_file
 from backsmooth.errors import DataError
 
 
@@ -40,26 +40,19 @@ def download_file(url: str, dest: str | os.PathLike, md5: str, *, timeout: float
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".part")
     except OSError as error:
         raise DataError(f"cannot write to {dest.parent}: {error}; choose a writable --data-dir") from error
     try:
         digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as file, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_file(dest) as file, urllib.request.urlopen(url, timeout=timeout) as response:
             print(f"downloading {url} to {dest}", file=sys.stderr)
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 file.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
-        if digest.hexdigest() != md5:
-            raise DataError(f"checksum mismatch for {url}: expected md5 {md5}, got {digest.hexdigest()}; "
-                            f"the download is corrupt, try again or fetch the file by hand into {dest.parent}")
-        os.replace(temp, dest)
+            if digest.hexdigest() != md5:  # raising here deletes the temporary file: dest is never corrupt
+                raise DataError(f"checksum mismatch for {url}: expected md5 {md5}, got {digest.hexdigest()}; "
+                                f"the download is corrupt, try again or fetch the file by hand into {dest.parent}")
     except OSError as error:  # includes urllib's URLError and HTTPError
         raise DataError(f"could not download {url}: {error}; check the connection, "
                         f"or fetch the file by hand into {dest.parent}") from error
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return dest

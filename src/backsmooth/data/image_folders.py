@@ -147,7 +147,7 @@ def _read_class_folders(folder: Path) -> dict[str, np.ndarray]:
         if not files:
             raise DataError(f"{root} holds no images in its class folders (.png, .jpg, .jpeg or .bmp)")
         prefix = f"{part}_" if part else ""
-        arrays[f"{prefix}x"] = decode_images(files, lambda i: str(files[i]))
+        arrays[f"{prefix}x"] = decode_images(files, lambda i, files=files: str(files[i]))
         arrays[f"{prefix}y"] = np.array(labels, np.int64)
     if split and arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
         raise DataError(f"train and test images in {folder} differ in size ({arrays['train_x'].shape[3]}x"

@@ -1,4 +1,5 @@
-"""`load_dataset`: read a dataset by name, hold out the validation split, attach its constants."""
+"""The dataset registry and `load_dataset`: read a dataset by name, hold out the validation split,
+attach its constants. A new dataset is a reader plus one `register` call (docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,62 @@ from backsmooth.data.dataset import DatasetSplits, channel_stats, stratified_spl
 from backsmooth.data.download import ARCHIVES
 from backsmooth.data.image_folders import read_folder, read_tiny_imagenet
 from backsmooth.data.sources import Source, SourceOptions, read_cifar, read_digits, read_mnist, read_synthetic
-from backsmooth.errors import DataError
+from backsmooth.errors import ConfigError, DataError
 
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
+ChannelStats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std)
 
 
 @dataclass(frozen=True)
 class DatasetKind:
-    """How to read one dataset and what comes with it."""
+    """How to read one dataset and what comes with it.
+
+    The reader returns a `Source` whose `note` says where the data came from and anything a report
+    must mention (a lossy copy, a non-standard split); runs record it and reports print it.
+    """
 
     read: Callable[[SourceOptions], Source]
     augment: str  # the training augmentation that suits it (see loader.py)
-    stats: Stats | None  # standard per-channel (mean, std); None: computed from the training images
-    needs_files: bool = True
+    stats: ChannelStats | None  # standard per-channel (mean, std); None: computed from the training images
+    needs_files: bool = True  # False: built in or generated, no --data-dir
+    default_val_size: int = 1000  # validation examples held out of the training set when --val-size is not given
+    summary: str = ""  # one line for help texts
 
 
-DATASETS: dict[str, DatasetKind] = {
-    "digits": DatasetKind(read_digits, "none", None, needs_files=False),
-    "mnist": DatasetKind(read_mnist, "none", ((0.1307,), (0.3081,))),
-    "cifar10": DatasetKind(functools.partial(read_cifar, "cifar10"), "crop_flip",
-                           ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))),
-    "cifar100": DatasetKind(functools.partial(read_cifar, "cifar100"), "crop_flip",
-                            ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
-    "tiny_imagenet": DatasetKind(read_tiny_imagenet, "flip", ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))),
-    "folder": DatasetKind(read_folder, "crop_flip", None),
-    "synthetic": DatasetKind(read_synthetic, "none", None, needs_files=False),
-}
+DATASETS: dict[str, DatasetKind] = {}
+
+
+def register(name: str, kind: DatasetKind) -> DatasetKind:
+    """Add dataset `name` (a new name, or replace a user's earlier registration of it)."""
+    if not name or not name.replace("_", "").isalnum():
+        raise DataError(f"dataset name {name!r} must be letters, digits and underscores")
+    DATASETS[name] = kind
+    return kind
+
+
+register("digits", DatasetKind(read_digits, "none", None, needs_files=False, default_val_size=150,
+                               summary="scikit-learn's 8x8 handwritten digits, embedded (the CPU demo)"))
+register("mnist", DatasetKind(read_mnist, "none", ((0.1307,), (0.3081,)), summary="MNIST, 1x28x28"))
+register("cifar10", DatasetKind(functools.partial(read_cifar, "cifar10"), "crop_flip",
+                                ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)), summary="CIFAR-10, 3x32x32"))
+register("cifar100", DatasetKind(functools.partial(read_cifar, "cifar100"), "crop_flip",
+                                 ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), summary="CIFAR-100, 3x32x32"))
+register("tiny_imagenet", DatasetKind(read_tiny_imagenet, "flip", ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+                                      summary="Tiny ImageNet, 3x64x64, 200 classes"))
+register("folder", DatasetKind(read_folder, "crop_flip", None, summary="one sub-folder of images per class"))
+register("synthetic", DatasetKind(read_synthetic, "none", None, needs_files=False, default_val_size=50,
+                                  summary="generated colour classes, for tests"))
 
 
 def dataset_names() -> tuple[str, ...]:
     """The names `load_dataset` accepts."""
     return tuple(DATASETS)
+
+
+def dataset_kind(name: str) -> DatasetKind:
+    """The registered kind of dataset `name`; an unknown name is a one-line error listing the known ones."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
 
 
 def default_data_dir() -> Path:
@@ -61,9 +87,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_si
     `download` fetches the official CIFAR archive into `data_dir` when no copy is there. Decoded
     JPEGs and archives are cached in `cache_dir` (see cache.py). The test split never depends on `seed`.
     """
-    kind = DATASETS.get(name)
-    if kind is None:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    kind = dataset_kind(name)
     folder = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if kind.needs_files and not folder.is_dir() and not (download and name in ARCHIVES):
         raise DataError(f"data directory {folder} does not exist; pass --data-dir DIR holding the {name} files "

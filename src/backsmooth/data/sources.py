@@ -286,7 +286,7 @@ def _cifar_from_jpeg(paths: list[Path], layout: CifarLayout, name: str, cache: D
         sets.append(checked_dataset(arrays["x"], arrays["y"], str(path), len(layout.classes)))
         classes = _class_names(arrays, path, classes)
     return Source(sets[0], sets[1], classes,
-                  f"{layout.title} from {paths[0].parent}/{name}_{{train,test}}_jpeg.npz: JPEG-compressed, "
+                  f"{layout.title} from {name}_{{train,test}}_jpeg.npz: a JPEG-compressed copy, "
                   f"not bit-exact {layout.title} (accuracies can differ from published numbers)")
 
 

@@ -2,6 +2,7 @@
 gradient masking, resumable per-example state, and the `backsmooth eval` command."""
 
 from backsmooth.accuracy import correct_under_attack, stratified_subset, to_unit_float, worst_case
+from backsmooth.attacks import AttackSpec, attack_forms, parse_attack, parse_attacks
 from backsmooth.evaluation.checks import (
     Check,
     PairedExcess,
@@ -14,17 +15,10 @@ from backsmooth.evaluation.checks import (
     result_checks,
 )
 from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
-from backsmooth.evaluation.specs import (
-    ATTACK_FORMS,
-    AUTOATTACK_VARIANTS,
-    DEFAULT_ATTACKS,
-    AttackSpec,
-    parse_attack,
-    parse_attacks,
-)
+from backsmooth.evaluation.specs import AUTOATTACK_VARIANTS, DEFAULT_ATTACKS
 
 __all__ = [
-    "ATTACK_FORMS", "AUTOATTACK_VARIANTS", "DEFAULT_ATTACKS", "AttackSpec", "Check", "EvalResult", "PairedExcess",
+    "attack_forms", "AUTOATTACK_VARIANTS", "DEFAULT_ATTACKS", "AttackSpec", "Check", "EvalResult", "PairedExcess",
     "binomial_tail", "check_eps_zero", "check_nondeterminism", "check_probability_outputs", "check_zero_gradients",
     "correct_under_attack", "eps_text", "evaluate", "model_info", "paired_excess", "parse_attack", "parse_attacks",
     "result_checks", "result_table", "stratified_subset", "to_unit_float", "worst_case",

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backsmooth.attacks import attack_mode, pgd, predict_eval
-from backsmooth.evaluation.specs import AttackSpec
+from backsmooth.attacks import AttackSpec, attack_mode, pgd, predict_eval
 
 NONDETERMINISM_TOLERANCE = 1e-4  # relative change of the logits between two identical eval-mode forwards
 SIGNIFICANCE = 0.01  # one-sided level of every comparative check (Bonferroni-split over compared pairs)
@@ -169,8 +168,8 @@ def result_checks(specs: Sequence[AttackSpec], clean: Tensor, per_example: dict[
             comparison = paired_excess(engine_worst, per_example[spec.name])
             flagged = comparison.significant(AUTOATTACK_GAP)
             checks.append(Check(f"{spec.name}_far_below_pgd", flagged, 100 * comparison.excess, 100 * AUTOATTACK_GAP,
-                                f"{spec.name} is {100 * comparison.excess:.2f} points below the worst case of the engine "
-                                f"attacks (threshold {100 * AUTOATTACK_GAP:g}; {comparison.describe()})"
+                                f"{spec.name} is {100 * comparison.excess:.2f} points below the worst case of the "
+                                f"engine attacks (threshold {100 * AUTOATTACK_GAP:g}; {comparison.describe()})"
                                 + (": PGD is probably masked" if flagged else "")))
         if "square" in spec.components:
             checks.append(_square_beats_white_box(components["fab-t"], components["square"]))

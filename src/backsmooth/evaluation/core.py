@@ -2,7 +2,7 @@
 AutoAttack, the pointwise worst case, self-checks for gradient masking, and resumable state
 (docs/evaluation.md)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from backsmooth import autoattack_adapter
 from backsmooth.accuracy import fraction, worst_case
-from backsmooth.attacks import Perturbation, predict_eval
+from backsmooth.attacks import AttackSpec, parse_attack, parse_attacks, predict_eval, project
 from backsmooth.errors import ConfigError
 from backsmooth.evaluation.checks import (
     Check,
@@ -22,8 +22,9 @@ from backsmooth.evaluation.checks import (
     check_zero_gradients,
     result_checks,
 )
-from backsmooth.evaluation.specs import DEFAULT_ATTACKS, AttackSpec, parse_attack, parse_attacks
+from backsmooth.evaluation.specs import DEFAULT_ATTACKS
 from backsmooth.evaluation.state import BatchFn, EvaluationState, derived_seed
+from backsmooth.units import eps_text
 
 PROBE_EXAMPLES = 100  # examples used by the cheap model checks
 EPS0_EXAMPLES = 256  # examples attacked at eps = 0
@@ -104,6 +105,7 @@ def _attack_report(spec: AttackSpec, run: EvaluationState, per_example: dict[str
     report: dict[str, Any] = dict(robust_acc=fraction(per_example[spec.name]),
                                   settings=spec.settings(run.fingerprint["eps"], run.fingerprint["step_size"]))
     if spec.kind == "autoattack":
+        report["settings"].update(version="standard", package=autoattack_adapter.package_description())
         report["after_component"] = {c: fraction(components[c]) for c in spec.components}
         report["seconds"] = sum(run.seconds[f"autoattack:{c}"] for c in spec.components)
     else:
@@ -127,8 +129,9 @@ def check_inputs(x: Tensor, y: Tensor, eps: float, batch_size: int, step_size: f
         raise ConfigError("images must be uint8 or floats in [0, 1] (normalisation belongs inside the model)")
 
 
-def _engine_batch(run: EvaluationState, spec: AttackSpec, attack: Perturbation) -> BatchFn:
-    """Correct under `attack` on every example of the batch; with restarts, only survivors are retried."""
+def _engine_batch(run: EvaluationState, spec: AttackSpec, attack: Callable[..., Any]) -> BatchFn:
+    """Correct under `attack` on every example of the batch; with restarts, only survivors are retried.
+    The attack's images are projected onto the eps-ball and the box first (a no-op for engine attacks)."""
 
     def batch(x: Tensor, y: Tensor, b: int, _key: slice) -> Tensor:
         correct = torch.ones(len(y), dtype=torch.bool, device=x.device)
@@ -137,7 +140,8 @@ def _engine_batch(run: EvaluationState, spec: AttackSpec, attack: Perturbation) 
             if len(todo) == 0:
                 break
             generator = torch.Generator(x.device).manual_seed(derived_seed(run.seed, spec.noise_key, b, restart))
-            x_adv = attack(run.model, x[todo], y[todo], generator).x_adv
+            out = attack(run.model, x[todo], y[todo], generator)
+            x_adv = project(getattr(out, "x_adv", out).detach(), x[todo], run.fingerprint["eps"])
             correct[todo] = predict_eval(run.model, x_adv).argmax(1) == y[todo]
         return correct
 
@@ -160,12 +164,6 @@ def _autoattack_batch(run: EvaluationState, component: str, before: Tensor, mess
 
 
 # --------------------------------------------------------------------------- reports
-
-
-def eps_text(eps: float) -> str:
-    """RobustBench's eps string: '8/255' when eps is a multiple of 1/255, else the decimal."""
-    k = eps * 255
-    return f"{round(k)}/255" if round(k) > 0 and abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
 
 def model_info(result: EvalResult, name: str, architecture: str, dataset: str,

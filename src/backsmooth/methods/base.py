@@ -1,22 +1,44 @@
-"""What every training method shares: the call signature, hyperparameter checks, the TRADES loss."""
+"""What every training method shares: the call signature, declared hyperparameters and cost, the
+hyperparameter checks, and the losses several methods use (TRADES, cross-entropy)."""
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backsmooth.attacks import Initializer, Perturbation, kl_loss, predict_eval
 from backsmooth.errors import ConfigError
 
 Stats = dict[str, Tensor]
+RUN_LEVEL = ("eps",)  # dataclass fields set by the run (--eps), not method options
+
+
+def hyperparameter(default: Any, help: str) -> Any:
+    """A method's dataclass field with the help text the CLI shows for its flag."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One hyperparameter as the config and the CLI see it: its name, value type and help."""
+
+    name: str
+    kind: type  # bool, int, float or str
+    help: str
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingMethod:
     """A training loss: `loss = method(model, x, y, generator=g)`, model in train mode.
 
-    Pass `stats={}` to receive detached per-batch statistics (no host synchronisation).
+    A subclass is a frozen dataclass that declares `name`, `summary`, its hyperparameters as fields
+    (with `hyperparameter(default, help)`; `eps` is the run's radius) and `floor_units()`, the
+    cost of one training step in forward passes. Pass `stats={}` to receive detached per-batch
+    statistics (no host synchronisation).
     """
 
     name: ClassVar[str]
@@ -26,12 +48,23 @@ class TrainingMethod:
                  stats: Stats | None = None) -> Tensor:
         raise NotImplementedError
 
+    def floor_units(self) -> int:
+        """The floor cost of one step in forward-pass units F (docs/algorithms.md#cost-in-forward-passes)."""
+        raise NotImplementedError
+
     def hyperparameters(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def options(cls) -> tuple[Option, ...]:
+        """The hyperparameters a run may set (every field but eps), with their types and help."""
+        hints = typing.get_type_hints(cls)
+        return tuple(Option(f.name, _value_type(hints[f.name]), f.metadata.get("help", ""))
+                     for f in dataclasses.fields(cls) if f.name not in RUN_LEVEL)
 
     def _set(self, field: str, value: float) -> None:
         """Resolve a default that depends on another field (frozen dataclass)."""
@@ -47,6 +80,13 @@ class TrainingMethod:
 
     def _check_steps(self) -> None:
         self._check(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
+
+
+def _value_type(annotation: Any) -> type:
+    """float for `float | None`, int for `int`, and so on."""
+    kinds = [k for k in typing.get_args(annotation) if k is not type(None)] if isinstance(
+        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    return kinds[0] if kinds and kinds[0] in (bool, int, float, str) else str
 
 
 def record(stats: Stats | None, **values: Tensor) -> None:
@@ -74,3 +114,13 @@ def ce_training_loss(model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None
     loss = F.cross_entropy(logits.float(), y)
     record(stats, ce=loss, accuracy=(logits.argmax(1) == y).float())
     return loss
+
+
+def trades_step(model: nn.Module, x: Tensor, y: Tensor, init: Initializer, eps: float, alpha: float,
+                steps: int, beta: float, generator: torch.Generator | None, stats: Stats | None) -> Tensor:
+    """One no-grad clean forward, K KL ascent steps from `init`, then the TRADES loss."""
+    clean_log_probs = F.log_softmax(predict_eval(model, x).float(), dim=1)
+    attack = Perturbation(kl_loss, init, eps, alpha, steps)
+    x_adv, start_kl = attack(model, x, clean_log_probs, generator)
+    record(stats, attack_start_kl=start_kl)
+    return trades_loss(model, x, x_adv, y, beta, stats)

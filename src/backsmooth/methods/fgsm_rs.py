@@ -6,20 +6,25 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, record
+from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.registry import register
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class FGSMRS(TrainingMethod):
     name = "fgsm_rs"
     summary = "Fast AT: single-step FGSM from a random start; cheapest robust method, can collapse"
     eps: float = 8 / 255
-    alpha: float | None = None  # defaults to 1.25 * eps
+    alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
 
     def __post_init__(self) -> None:
         if self.alpha is None:
             self._set("alpha", 1.25 * self.eps)
         self._check_eps_alpha()
+
+    def floor_units(self) -> int:
+        return 2 + 3  # one input-gradient step, one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:

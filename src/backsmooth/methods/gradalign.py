@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd, uniform_init
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, record
+from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.registry import register
 
 
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -23,20 +24,24 @@ def _input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return grad
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class GradAlign(TrainingMethod):
     name = "gradalign"
     summary = "FGSM + gradient-alignment regulariser; prevents catastrophic overfitting at ~3x FGSM's cost"
     eps: float = 8 / 255
-    alpha: float | None = None  # defaults to eps
-    grad_align_lambda: float = 0.2
-    random_start: bool = False
+    alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
+    grad_align_lambda: float = hyperparameter(0.2, "weight of the GradAlign regulariser")
+    random_start: bool = hyperparameter(False, "GradAlign: FGSM from a random start (FGSM-RS) instead of x")
 
     def __post_init__(self) -> None:
         if self.alpha is None:
             self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.grad_align_lambda >= 0, "grad_align_lambda", ">= 0")
+
+    def floor_units(self) -> int:
+        return 15  # FGSM step and training pass (5) plus two input gradients kept for double backprop (about 10)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:

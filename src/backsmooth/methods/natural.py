@@ -6,12 +6,17 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss
+from backsmooth.methods.registry import register
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Natural(TrainingMethod):
     name = "natural"
     summary = "plain cross-entropy; no robustness, the speed and clean-accuracy baseline"
+
+    def floor_units(self) -> int:
+        return 3  # one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:

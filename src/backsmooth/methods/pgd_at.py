@@ -6,20 +6,25 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, record
+from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.registry import register
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class PGDAT(TrainingMethod):
     name = "pgd_at"
     summary = "Madry's PGD-K adversarial training; strong but about 2K + 3 passes per step"
     eps: float = 8 / 255
-    alpha: float = 2 / 255
-    steps: int = 10
+    alpha: float = hyperparameter(2 / 255, "attack step size (default: the method's own)")
+    steps: int = hyperparameter(10, "attack steps K")
 
     def __post_init__(self) -> None:
         self._check_eps_alpha()
         self._check_steps()
+
+    def floor_units(self) -> int:
+        return 2 * self.steps + 3  # K input-gradient steps, one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None) -> Tensor:

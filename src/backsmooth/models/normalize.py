@@ -1,4 +1,4 @@
-"""Mean/std normalisation as a model layer, so every model takes [0, 1] images (DESIGN section 2)."""
+"""Mean/std normalisation as a model layer, so every model takes [0, 1] images (docs/algorithms.md#conventions)."""
 
 from collections.abc import Sequence
 

@@ -11,20 +11,21 @@ from typing import Any
 from torch import Tensor
 
 from backsmooth.accuracy import stratified_subset
-from backsmooth.checkpoint import atomic_write_json, load_model
+from backsmooth.atomic import atomic_write_json
+from backsmooth.attacks import attack_forms, parse_attacks
+from backsmooth.checkpoint import load_model
 from backsmooth.config import parse_number
 from backsmooth.data import load_dataset
 from backsmooth.errors import EXIT_INTERRUPTED, ConfigError, DataError
 from backsmooth.evaluation.core import eps_text, evaluate, model_info, result_table
-from backsmooth.evaluation.specs import ATTACK_FORMS, parse_attacks
 from backsmooth.runtime import resolve_device
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `backsmooth eval`."""
     parser.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     parser.add_argument("--attacks", default="pgd20,cw20",
-                        help=f"comma-separated attacks (default pgd20,cw20); forms: {', '.join(ATTACK_FORMS)}")
+                        help=f"comma-separated attacks (default pgd20,cw20); forms: {', '.join(attack_forms())}")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     parser.add_argument("--data-dir", help="dataset folder (default: the run's)")
     parser.add_argument("--eps", help="L-inf radius, e.g. 8/255 (default: the run's)")
@@ -39,7 +40,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def main_eval(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """`backsmooth eval`: the evaluation protocol on a trained model's (stratified) test set; writes eval-NAME.json."""
     specs = parse_attacks(args.attacks)
     if args.n_examples <= 0:
@@ -103,7 +104,8 @@ def _check_fits(images: Tensor, labels: Tensor, meta: dict[str, Any], dataset: s
     if shape and tuple(images.shape[1:]) != shape:
         raise DataError(f"{dataset} images have shape {tuple(images.shape[1:])} but the model was trained on {shape}")
     if len(labels) and int(labels.max()) >= int(meta["num_classes"]):
-        raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has {meta['num_classes']} classes")
+        raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has "
+                        f"{meta['num_classes']} classes")
 
 
 def _check_writable(folder: Path) -> None:

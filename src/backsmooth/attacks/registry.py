@@ -1,0 +1,135 @@
+"""The registry of evaluation attacks: a name pattern, the forms it documents, and a parser that turns
+a matching name (`pgd20x5`) into an `AttackSpec` that builds the attack and describes its settings.
+
+    backsmooth.attacks.register(r"mine([1-9]\\d*)", ("mineK",), lambda m: AttackSpec(
+        m.group(0), "mine", int(m.group(1)), make=lambda spec, eps, step: MyAttack(eps, step, spec.steps)))
+
+A built attack is called as `attack(model, x, y, generator)` and returns the adversarial images (or
+an object with `.x_adv`, as the engine's `Perturbation` does); evaluation projects them onto the
+eps-ball and the [0, 1] box before scoring, so no attack can cheat by leaving them.
+"""
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from backsmooth.attacks.engine import Perturbation, ce_loss, cw_margin_loss, uniform_init, zero_init
+from backsmooth.errors import ConfigError
+
+CW_KAPPA = 50.0
+Builder = Callable[["AttackSpec", float, float], Callable[..., Any]]
+"""(spec, eps, step size) -> attack(model, x, y, generator) returning x_adv or an object with .x_adv."""
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of an evaluation, parsed from its name by a registered family."""
+
+    name: str
+    kind: str  # the family: "pgd", "cw", "fgsm", "autoattack", or a user's own
+    steps: int = 1
+    random_start: bool = False
+    restarts: int = 1
+    components: tuple[str, ...] = ()  # AutoAttack's, run through its package
+    loss: str = "cross-entropy"
+    make: Builder | None = None  # None: run by the evaluation itself (AutoAttack)
+
+    @property
+    def noise_key(self) -> str:
+        """What seeds the random starts: the same for attacks that differ only in steps or restarts, so
+        `pgd20` and `pgd40` start from the same points and their comparison is free of start noise."""
+        return f"{self.kind}-start" if self.random_start else self.kind
+
+    def build(self, eps: float, step_size: float) -> Callable[..., Any]:
+        """The attack callable for this spec."""
+        if self.make is None:
+            raise ConfigError(f"{self.name} is not built from the engine (it runs through its own package)")
+        return self.make(self, eps, step_size)
+
+    def settings(self, eps: float, step_size: float) -> dict[str, Any]:
+        """Every setting of this attack, for the JSON report."""
+        if self.components:
+            return dict(kind=self.kind, eps=eps, norm="Linf", components=list(self.components))
+        return dict(kind=self.kind, eps=eps, loss=self.loss, steps=self.steps,
+                    step_size=eps if self.kind == "fgsm" else step_size, random_start=self.random_start,
+                    restarts=self.restarts)
+
+    def describe(self, eps: float, step_size: float) -> str:
+        """A short human-readable summary of the settings, for the printed table."""
+        if self.components:
+            return "AutoAttack " + " + ".join("Square" if c == "square" else c.upper() for c in self.components)
+        if self.kind == "fgsm":
+            return f"CE, one step of eps ({eps:.4f})"
+        start = "random start" if self.random_start else "no random start"
+        restarts = f", best of {self.restarts} restarts" if self.restarts > 1 else ""
+        return f"{self.loss}, {self.steps} steps of {step_size:.4f}, {start}{restarts}"
+
+
+@dataclass(frozen=True)
+class AttackFamily:
+    pattern: re.Pattern[str]
+    forms: tuple[str, ...]
+    parse: Callable[[re.Match[str]], AttackSpec]
+
+
+_FAMILIES: list[AttackFamily] = []
+
+
+def register(pattern: str, forms: Sequence[str], parse: Callable[[re.Match[str]], AttackSpec]) -> None:
+    """Add an attack family: names that fully match `pattern` (lower case) parse with `parse`;
+    `forms` are the documented name forms shown in help texts and errors."""
+    _FAMILIES.append(AttackFamily(re.compile(pattern), tuple(forms), parse))
+
+
+def attack_forms() -> tuple[str, ...]:
+    """Every documented name form, in registration order."""
+    return tuple(form for family in _FAMILIES for form in family.forms)
+
+
+def parse_attack(name: str) -> AttackSpec:
+    """The spec of attack `name` (see `attack_forms()`); one-line error for an unknown name."""
+    name = name.strip().lower()
+    for family in _FAMILIES:
+        match = family.pattern.fullmatch(name)
+        if match is not None:
+            return family.parse(match)
+    raise ConfigError(f"unknown attack {name!r}; valid forms: {', '.join(attack_forms())} "
+                      f"(K steps, R random restarts; e.g. pgd20,pgd100,cw20,autoattack)")
+
+
+def parse_attacks(names: str | Sequence[str]) -> tuple[AttackSpec, ...]:
+    """A comma-separated string or a sequence of names, without duplicates; at least one."""
+    items = [n for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if not items:
+        raise ConfigError("no attack given; name at least one, e.g. --attacks pgd20,cw20")
+    specs = tuple(parse_attack(n) for n in items)
+    seen = [s.name for s in specs]
+    duplicates = sorted({n for n in seen if seen.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"attack {duplicates[0]!r} is listed twice")
+    return specs
+
+
+# --------------------------------------------------------------------------- the engine's attacks
+
+
+def _iterative(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
+    loss = ce_loss if spec.kind == "pgd" else cw_margin_loss(CW_KAPPA)
+    return Perturbation(loss, uniform_init if spec.random_start else zero_init, eps, step_size, spec.steps)
+
+
+def _parse_iterative(match: re.Match[str]) -> AttackSpec:
+    kind, steps, restarts, norand = match.groups()
+    if norand and restarts:
+        raise ConfigError(f"attack {match.group(0)!r}: restarts without a random start would repeat the same attack")
+    loss = "CE" if kind == "pgd" else f"CW-inf margin (kappa {CW_KAPPA:g})"
+    return AttackSpec(match.group(0), kind, int(steps), random_start=not norand, restarts=int(restarts or 1),
+                      loss=loss, make=_iterative)
+
+
+register(r"(pgd|cw)([1-9]\d*)(?:x([1-9]\d*))?(-norand)?", ("pgdK", "pgdKxR", "pgdK-norand", "cwK", "cwKxR",
+                                                          "cwK-norand"), _parse_iterative)
+register(r"fgsm", ("fgsm",), lambda m: AttackSpec("fgsm", "fgsm", loss="CE",
+                                                  make=lambda spec, eps, step: Perturbation(ce_loss, zero_init, eps,
+                                                                                            eps, 1)))

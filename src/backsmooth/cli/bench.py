@@ -1,0 +1,44 @@
+"""`backsmooth bench`: the flags and the command."""
+
+import argparse
+
+from backsmooth.atomic import atomic_write_json
+from backsmooth.bench import bench_table, run_benchmark
+from backsmooth.config import PRECISIONS, parse_number
+from backsmooth.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--methods", default="", help="comma-separated (default: all, plus trades_reference)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--eps", default="8/255")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
+    parser.add_argument("--epoch-images", type=int, default=50_000, help="images in the data-pipeline epoch (0: skip)")
+    parser.add_argument("--json", help="write all results to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    for flag in ("batch_size", "image_size", "channels", "num_classes", "repeats", "steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0 or args.epoch_images < 0:
+        raise ConfigError("--warmup and --epoch-images must be >= 0")
+    names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
+    result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
+                           args.num_classes, parse_number(args.eps, "--eps"), args.device, args.precision,
+                           args.channels_last, args.compile, args.warmup, args.repeats, args.steps,
+                           args.epoch_images)
+    print(bench_table(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0

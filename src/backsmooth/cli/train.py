@@ -1,0 +1,90 @@
+"""`backsmooth train`: flags from the RunConfig fields and the registered methods' options."""
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from backsmooth import config as cfg
+from backsmooth import methods
+from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged, one_line
+from backsmooth.plugins import is_import_path
+from backsmooth.presets import preset
+from backsmooth.train import train
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _named_method(argv: Sequence[str]) -> str | None:
+    """The value of --method in `argv`, so a MODULE:CLASS method's options get flags too."""
+    for i, word in enumerate(argv):
+        if word == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--method="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
+    """One flag per RunConfig field and per method option, all defaulting to 'not given'."""
+    method = _named_method(argv)
+    if method is not None and is_import_path(method):
+        methods.method_class(method)  # imports and registers it, so its options are listed below
+    parser.add_argument("--config", help="TOML, YAML or JSON file of config keys (flags override it)")
+    parser.add_argument("--preset", help="named settings (see `backsmooth presets`); file and flags override it")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    names = [f.name for f in dataclasses.fields(cfg.RunConfig) if f.name != "method_options"]
+    for name in (*names, *cfg.option_names()):
+        kinds = {f.type for f in dataclasses.fields(cfg.RunConfig) if f.name == name}
+        is_bool = bool in kinds or "bool" in kinds or (name not in names and methods.options()[name].kind is bool)
+        if is_bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=cfg.field_help(name))
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=cfg.field_help(name))
+
+
+def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
+    """Defaults < preset < config file < flags. With no preset, file or dataset: the demo preset."""
+    values: dict[str, Any] = {}
+    chosen = args.preset or (None if (args.config or args.dataset) else "demo")
+    if chosen:
+        values.update(preset(chosen))
+    if args.config:
+        values.update(cfg.read_file(args.config))
+    names = [f.name for f in dataclasses.fields(cfg.RunConfig) if f.name != "method_options"]
+    for name in (*names, *cfg.option_names()):
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given if isinstance(given, bool) else cfg.parse_flag(name, given)
+    return cfg.validate(cfg.from_mapping(values))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Train, print the last / best summary; exit 75 when interrupted, 3 when the loss diverged."""
+    config = resolve_config(args)
+    print(f"training {config.method} on {config.dataset} with {config.arch} (eps {config.eps:.4f}, "
+          f"{config.epochs} epochs)", flush=True)
+    try:
+        summary = train(config, resume=args.resume, overwrite=args.overwrite,
+                        progress=False if args.no_progress else None)
+    except Interrupted as stop:
+        print(f"interrupted: checkpoint saved in {stop}; continue with the same command plus --resume "
+              f"(--out {stop} --resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as exc:
+        print(one_line(f"error: {exc}"), file=sys.stderr)
+        return EXIT_DIVERGED
+    print()
+    print(f"{'model':<6} {'epoch':>5} {'clean':>7} {'PGD-20':>7}   ({summary['test_examples']} {summary['dataset']} "
+          f"test examples, eps {summary['eps']:.4f})")
+    for which in ("last", "best"):
+        r = summary[which]
+        print(f"{which:<6} {r['epoch']:>5} {r['clean_acc']:>7.2%} {r['pgd20_acc']:>7.2%}")
+    print(f"training time {summary['train_seconds']:.1f} s (evaluation excluded); run directory {summary['run_dir']}")
+    return 0

@@ -1,0 +1,49 @@
+"""Named settings: the papers' protocols for every dataset x architecture x method, and small CPU
+presets that finish in minutes. `backsmooth presets` lists them; flags and files override them."""
+
+from typing import Any
+
+from backsmooth import methods
+from backsmooth.errors import ConfigError
+
+_PAPER = dict(epochs=100, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="stage",
+              eps=8 / 255, val_size=1000)
+
+
+def _paper_presets() -> dict[str, dict[str, Any]]:
+    """The paper's settings for every dataset x architecture x method (docs/algorithms.md#training-protocol)."""
+    presets: dict[str, dict[str, Any]] = {}
+    for dataset in ("cifar10", "cifar100", "tiny_imagenet"):
+        for arch in ("resnet18", "wrn34_10", "preact_resnet18"):
+            for method in methods.names():
+                if arch == "preact_resnet18" and method not in ("fgsm_rs", "gradalign"):
+                    continue
+                values = dict(_PAPER, dataset=dataset, arch=arch, method=method)
+                if method == "fgsm_rs":
+                    values.update(schedule="cyclic", lr=0.1)  # Fast AT: cyclic schedule peaking at 0.2
+                presets[f"{dataset}-{arch}-{method}"] = values
+    return presets
+
+
+def _cpu_presets() -> dict[str, dict[str, Any]]:
+    """Small settings that finish in minutes on a laptop CPU with `small_cnn`."""
+    presets: dict[str, dict[str, Any]] = {}
+    scale = {
+        "digits": dict(dataset="digits", eps=0.1, epochs=30, batch_size=64, lr=0.05, val_size=180),
+        "mnist": dict(dataset="mnist", eps=0.3, epochs=3, lr=0.05, val_size=1000),
+        "cifar10": dict(dataset="cifar10", eps=8 / 255, epochs=5, lr=0.05, val_size=1000),
+    }
+    for name, values in scale.items():
+        for method in methods.names():
+            presets[f"cpu-{name}-{method}"] = dict(values, arch="small_cnn", method=method, schedule="cosine")
+    presets["demo"] = presets["cpu-digits-backward_smoothing"]
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = {**_cpu_presets(), **_paper_presets()}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; run `backsmooth presets` to list them")
+    return dict(PRESETS[name])

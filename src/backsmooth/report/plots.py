@@ -1,0 +1,97 @@
+"""The report's PNG plots, drawn with matplotlib's object API (Agg), never touching pyplot's global backend."""
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from backsmooth.errors import BacksmoothError
+from backsmooth.report.read import RunData, finite_or_none
+from backsmooth.report.rows import Row
+
+PLOTS = {
+    "val_robust_by_epoch.png": "Validation robust accuracy per epoch",
+    "val_robust_by_time.png": "Validation robust accuracy against training time",
+    "clean_vs_robust.png": "Final clean against PGD-20 accuracy",
+}
+MATPLOTLIB_HINT = "plots need matplotlib: pip install 'backsmooth[report]'"
+
+
+def _figure() -> Any:
+    """A matplotlib Figure; a one-line hint when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BacksmoothError(MATPLOTLIB_HINT) from None
+    return Figure(figsize=(7, 4.5), layout="constrained")
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def _style(index: int) -> dict[str, Any]:
+    """Colours of the default cycle, then new line styles once they repeat."""
+    return dict(color=f"C{index % 10}", linestyle=("-", "--", ":", "-.")[index // 10 % 4])
+
+
+def _time_axis(max_seconds: float) -> tuple[float, str]:
+    if max_seconds > 2 * 3600:
+        return 3600.0, "hours"
+    return (60.0, "minutes") if max_seconds > 120 else (1.0, "seconds")
+
+
+def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, bytes]:
+    """Validation robust accuracy per epoch and against cumulative training time, one line per run (PNG bytes)."""
+    steps = {r.settings.get("val_pgd_steps", 20) for r in runs}
+    ylabel = f"validation PGD-{steps.pop()} accuracy (%)" if len(steps) == 1 else "validation PGD-K accuracy (%)"
+    scale, unit = _time_axis(max(r.train_seconds for r in runs))
+    pngs = {}
+    for name, x_key, xlabel in (("val_robust_by_epoch.png", "epoch", "epoch"),
+                                ("val_robust_by_time.png", "total_train_seconds", f"training time ({unit})")):
+        figure = _figure()
+        axes = figure.add_subplot()
+        drawn = 0
+        for index, (run, label) in enumerate(zip(runs, labels)):
+            points = [(float(r[x_key]) / (scale if x_key != "epoch" else 1.0), 100 * finite_or_none(r.get(run.val_key)))
+                      for r in run.metrics if finite_or_none(r.get(run.val_key)) is not None]
+            if points:
+                suffix = f" (PGD-{run.settings.get('val_pgd_steps', 20)})" if "K" in ylabel else ""
+                axes.plot(*zip(*points), marker="o", markersize=3, label=label + suffix, **_style(index))
+                drawn += 1
+        if drawn:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "no validation robust accuracy recorded", ha="center", transform=axes.transAxes)
+        axes.set(xlabel=xlabel, ylabel=ylabel, title=PLOTS[name])
+        axes.grid(alpha=0.3)
+        pngs[name] = _png(figure)
+    return pngs
+
+
+def plot_clean_vs_robust(rows: Sequence[Row]) -> bytes:
+    """One labelled point per row: final clean against PGD-20 accuracy, coloured as the run's curves (PNG bytes)."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    run_index = {run_dir: i for i, run_dir in enumerate(dict.fromkeys(r.run_dir for r in rows))}
+    per_run = {run_dir: sum(1 for r in rows if r.run_dir == run_dir) for run_dir in run_index}
+    for row in (r for r in rows if r.clean_acc is not None and r.pgd20_acc is not None):
+        label = row.label + (f" ({row.checkpoint})" if per_run[row.run_dir] > 1 else "")
+        label += " (validation)" if row.source_kind == "validation" else ""
+        x, y = 100 * row.clean_acc, 100 * row.pgd20_acc
+        axes.scatter([x], [y], color=_style(run_index[row.run_dir])["color"],
+                     marker={"best": "o", "last": "s"}.get(row.checkpoint, "^"))
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    axes.margins(0.2)
+    axes.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy (%)", title=PLOTS["clean_vs_robust.png"])
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def render_plots(runs: Sequence[RunData], rows: Sequence[Row]) -> dict[str, bytes]:
+    """Every plot of PLOTS as PNG bytes, drawn before anything is written (a missing matplotlib writes nothing)."""
+    labels = {row.run_dir: row.label for row in rows}
+    pngs = plot_curves(runs, [labels[str(run.path)] for run in runs])
+    pngs["clean_vs_robust.png"] = plot_clean_vs_robust(rows)
+    return {name: pngs[name] for name in PLOTS}

@@ -1,0 +1,186 @@
+"""Extending backsmooth from outside the package: a method, an attack, a dataset and an architecture,
+each registered through the public API and run through `train`, `bench` and `eval`; and a method and
+an architecture named MODULE:CLASS / MODULE:FUNCTION on the command line (docs/extending.md)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from backsmooth import attacks, cli, data, methods, models
+from backsmooth.attacks import AttackSpec, Perturbation, ce_loss, uniform_init
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+QUICK = ["--epochs", "1", "--batch-size", "32", "--val-pgd-steps", "1", "--final-eval-examples", "40", "--no-progress"]
+
+
+# --------------------------------------------------------------------------- the four extensions
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyCE(methods.TrainingMethod):
+    """Cross-entropy on x plus uniform noise of radius `noise` x eps: a one-forward toy method."""
+
+    name = "noisy_ce"
+    summary = "cross-entropy on uniformly perturbed inputs (test method)"
+    eps: float = 8 / 255
+    noise: float = methods.hyperparameter(1.0, "noise radius as a multiple of eps")
+
+    def floor_units(self) -> int:
+        return 3
+
+    def __call__(self, model, x, y, generator=None, stats=None):
+        x_noisy = uniform_init(model, x, y, self.noise * self.eps, generator)
+        return nn.functional.cross_entropy(model(x_noisy), y)
+
+
+def _two_step_pgd(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
+    return Perturbation(ce_loss, uniform_init, eps, 2 * step_size, spec.steps)
+
+
+def _parse_big(match):
+    return AttackSpec(match.group(0), "big", int(match.group(1)), random_start=True, make=_two_step_pgd)
+
+
+def _read_stripes(options: data.SourceOptions) -> data.Source:
+    generator = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> data.ArrayDataset:
+        labels = torch.arange(n) % 4
+        images = torch.zeros(n, 1, 12, 12)
+        for c in range(4):
+            images[labels == c, :, 3 * c:3 * c + 3, :] = 1.0
+        images = (images * 0.7 + 0.3 * torch.rand(n, 1, 12, 12, generator=generator)).mul(255).round()
+        return data.ArrayDataset(images.to(torch.uint8), labels)
+
+    return data.Source(make(256), make(80), ("a", "b", "c", "d"), "four stripe classes, generated for a test")
+
+
+def _tiny_mlp(num_classes: int, in_channels: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 144, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """Register the four through the public API; afterwards remove them so other test modules see the
+    built-in registries (the removal reaches into the registries: users have no need to unregister)."""
+    from backsmooth.attacks import registry as attack_registry
+    from backsmooth.data import load as data_registry
+    from backsmooth.methods import registry as method_registry
+    from backsmooth.models import _REGISTRY as model_registry
+
+    methods.register(NoisyCE)
+    attacks.register(r"big([1-9]\d*)", ("bigK",), _parse_big)
+    data.register("stripes", data.DatasetKind(_read_stripes, "none", None, needs_files=False, default_val_size=32,
+                                              summary="generated stripes (test dataset)"))
+    models.register("tiny_mlp", _tiny_mlp)
+    yield
+    method_registry._REGISTRY.pop("noisy_ce")
+    attack_registry._FAMILIES.pop()
+    data_registry.DATASETS.pop("stripes")
+    model_registry.pop("tiny_mlp")
+
+
+def test_registered_extensions_train_bench_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert "noisy_ce" in methods.names() and "stripes" in data.dataset_names() and "tiny_mlp" in models.names()
+    assert cli.main(["train", "--dataset", "stripes", "--arch", "tiny_mlp", "--method", "noisy_ce", "--noise", "0.5",
+                     "--out", str(out), *QUICK]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "noisy_ce" and config["method_options"] == {"noise": 0.5}
+    assert json.loads((out / "summary.json").read_text())["data_note"] == "four stripe classes, generated for a test"
+
+    assert cli.main(["eval", str(out), "--attacks", "big3,pgd3", "--n-examples", "40", "--no-progress"]) == 0
+    report = json.loads((out / "eval-run.json").read_text())["evaluation"]
+    assert set(report["per_attack"]) == {"big3", "pgd3"}
+    assert report["attacks"]["big3"]["settings"]["kind"] == "big"
+
+    capsys.readouterr()
+    assert cli.main(["bench", "--arch", "tiny_mlp", "--channels", "1", "--image-size", "12", "--batch-size", "8",
+                     "--methods", "noisy_ce,natural", "--warmup", "0", "--repeats", "1", "--steps", "1",
+                     "--epoch-images", "0"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("noisy_ce"))
+    assert row.split()[-3:-1] == ["3", "3"]  # measured F units equal the declared floor
+
+
+def test_registered_options_get_flags_and_checks(capsys):
+    assert cli.main(["train", "--method", "natural", "--noise", "0.5", "--dataset", "stripes"]) == 2
+    assert "--noise does not apply to method natural" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "noise radius as a multiple of eps (noisy_ce)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- MODULE:NAME from the command line
+
+USER_MODULE = textwrap.dedent('''
+    import dataclasses
+    from torch import nn
+    import torch.nn.functional as F
+    from backsmooth.attacks import pgd
+    from backsmooth.methods import TrainingMethod, hyperparameter
+
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfPGD(TrainingMethod):
+        """Cross-entropy on PGD points for half the batch, on clean points for the other half."""
+        name = "half_pgd"
+        summary = "half PGD, half clean (user method)"
+        eps: float = 8 / 255
+        steps: int = hyperparameter(2, "attack steps")
+
+        def floor_units(self):
+            return 2 * self.steps + 3
+
+        def __call__(self, model, x, y, generator=None, stats=None):
+            half = len(x) // 2
+            x_adv = pgd(self.eps, self.eps / 2, self.steps)(model, x[:half], y[:half], generator).x_adv
+            return F.cross_entropy(model(torch_cat(x_adv, x[half:])), y)
+
+
+    def torch_cat(a, b):
+        import torch
+        return torch.cat([a, b])
+
+
+    def narrow_cnn(num_classes, in_channels):
+        return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                             nn.Flatten(), nn.Linear(128, num_classes))
+''')
+
+
+def test_method_and_architecture_from_a_user_module(tmp_path):
+    (tmp_path / "user_code").mkdir()
+    (tmp_path / "user_code" / "my_extensions.py").write_text(USER_MODULE)
+    env = {"PYTHONPATH": f"{tmp_path / 'user_code'}:{SRC}", "PATH": "/usr/bin:/bin"}
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "backsmooth", "train", "--dataset", "synthetic",
+               "--method", "my_extensions:HalfPGD", "--steps", "1", "--arch", "my_extensions:narrow_cnn",
+               "--out", str(run), "--cache-dir", str(tmp_path / "cache"), *QUICK]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["method"], config["arch"], config["method_options"]) == (
+        "my_extensions:HalfPGD", "my_extensions:narrow_cnn", {"steps": 1})
+    done = subprocess.run([sys.executable, "-m", "backsmooth", "eval", str(run), "--attacks", "pgd5",
+                           "--n-examples", "50", "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "my_extensions:narrow_cnn trained with my_extensions:HalfPGD" in done.stdout
+    assert json.loads((run / "eval-run.json").read_text())["architecture"] == "my_extensions:narrow_cnn"
+
+    for bad, message in ((["--method", "no_such_module:X"], "cannot import method module 'no_such_module'"),
+                         (["--method", "my_extensions:Missing"], "has no 'Missing'"),
+                         (["--method", "my_extensions:narrow_cnn"], "not a subclass of"),
+                         (["--arch", "my_extensions:HalfPGD"], "must accept num_classes= and in_channels=")):
+        done = subprocess.run([sys.executable, "-m", "backsmooth", "train", "--dataset", "synthetic", *bad,
+                               "--out", str(tmp_path / "bad"), *QUICK], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert message in done.stderr and not (tmp_path / "bad").exists()
