@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from backsmooth import methods
-from backsmooth.attacks import backward_smoothing_init, kl_loss, predict_eval
+from backsmooth.attacks import kl_loss, predict_eval
 from backsmooth.errors import ConfigError
+from backsmooth.methods.backward_smoothing import backward_smoothing_start
 from backsmooth.methods.base import trades_loss
 
 EPS = 8 / 255
@@ -52,13 +53,15 @@ EXPECTED_PASSES = {
     "trades": (1, 10, 2),
     "fgsm_rs": (0, 1, 1),
     "fast_trades": (1, 1, 2),
-    "backward_smoothing": (1, 2, 2),
+    "backward_smoothing": (0, 2, 2),  # the backward step's forward at x also gives the clean target
     "gradalign": (0, 1, 3),
 }
 
 
 def test_every_method_is_registered():
-    assert set(methods.names()) == set(EXPECTED_PASSES)
+    """The methods above, and today's efficient methods of tests/test_new_methods.py."""
+    todays = {"n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at"}
+    assert set(methods.names()) == set(EXPECTED_PASSES) | todays
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
@@ -117,7 +120,8 @@ def test_backward_step_lowers_kl_to_the_smoothed_target():
     model = tiny_model().eval()
     x, _ = batch()
     clean = F.log_softmax(predict_eval(model, x), dim=1)
-    x0 = backward_smoothing_init(1.0, EPS)(model, x, clean, EPS, torch.Generator().manual_seed(7))
+    x0, target = backward_smoothing_start(model, x, 1.0, EPS, EPS, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(target, clean)
     xi = 2 * torch.rand(clean.shape, generator=torch.Generator().manual_seed(7)) - 1
     smoothed = F.log_softmax(clean + xi, dim=1)
     with torch.no_grad():
@@ -211,3 +215,35 @@ def test_stats_are_returned_without_changing_the_loss():
     assert a.item() == b.item()
     assert {"ce", "kl", "attack_start_kl", "accuracy", "adv_accuracy"} <= set(stats)
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+
+
+def test_backward_smoothing_at_10f_matches_the_11f_formulation():
+    """The clean target taken from the backward step's own forward (10F) gives the same start and loss as a
+    separate no-grad forward (11F, the paper's code) for the same generator, to float tolerance."""
+    from backsmooth.attacks import Perturbation, project
+
+    model = tiny_model().train()
+    x, y = batch()
+    eps = alpha = 8 / 255
+    gamma = 1.0
+    clean = F.log_softmax(predict_eval(model, x).float(), dim=1)  # 11F: the separate no-grad forward
+    generator = torch.Generator().manual_seed(5)
+    xi = 2 * torch.rand(clean.shape, generator=generator) - 1
+    descent = Perturbation(kl_loss, lambda *_: x.clone(), eps, -alpha, 1)
+    x0_reference = descent(model, x, F.log_softmax(clean + gamma * xi, dim=1), generator).x_adv
+    x0, target = backward_smoothing_start(model, x, gamma, alpha, eps, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(target, clean, rtol=1e-5, atol=1e-6)
+    assert (x0 != x0_reference).float().mean() < 1e-3  # a sign may flip where the gradient is ~0
+    assert (project(x0, x, eps) == x0).all()
+    reference = methods.build("backward_smoothing")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # the train-mode loss moves BatchNorm stats
+    losses = []
+    for start in (x0_reference, x0):
+        model.load_state_dict(weights)
+        attack = Perturbation(kl_loss, lambda *_, start=start: start, eps, alpha, 1)
+        x_adv = attack(model, x, clean, torch.Generator().manual_seed(9)).x_adv
+        losses.append(trades_loss(model, x, x_adv, y, reference.beta, None).item())
+    model.load_state_dict(weights)
+    ours = reference(model, x, y, generator=torch.Generator().manual_seed(5)).item()
+    assert losses[1] == pytest.approx(ours, rel=1e-5) and losses[0] == pytest.approx(ours, rel=1e-3)
+

@@ -71,8 +71,9 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"natural", "trades", "backward_smoothing"}
     assert rows["natural"]["ratio_to_natural"] == 1.0 and rows["trades"]["ratio_to_trades"] == 1.0
-    assert rows["backward_smoothing"]["passes"] == {"clean_forward": 1, "input_gradient": 2, "training": 2,
+    assert rows["backward_smoothing"]["passes"] == {"clean_forward": 0, "input_gradient": 2, "training": 2,
                                                    "double_backprop": 0}
+    assert rows["backward_smoothing"]["f_units"] == rows["backward_smoothing"]["floor_f_units"] == 10
     assert len(rows["trades"]["seconds_per_repeat"]) == 2
     assert 0 < result["data_pipeline"]["fraction_of_natural_epoch"]
     assert "backward_smoothing" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from backsmooth import methods, models
 from backsmooth.data import ArrayDataset, DeviceLoader
 from backsmooth.methods import TRADES
-from backsmooth.methods.base import Stats, TrainingMethod
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod
 from backsmooth.runtime import resolve_device, synchronize
 from backsmooth.step import training_step
 
@@ -38,7 +38,7 @@ class TRADESReference(TRADES):
     def floor_units(self) -> int:
         return 39  # 10 x (2 forwards + an input backward) + 3 forwards + their backward: "about 40F"
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_adv = (x + 0.001 * noise).clamp(0, 1)
         model.eval()  # as the reference code: eval mode, parameters still require gradients
@@ -71,20 +71,22 @@ class PassCount:
 
 
 def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor) -> PassCount:
-    """Classify every forward call of one training step with a pre-hook."""
+    """Classify every forward call of one training step with a pre-hook, in units of the batch (a forward
+    of 3B images counts three times). A method with several replays per batch (Free-AT) makes one."""
     counts = PassCount()
 
     def hook(module: nn.Module, args: Any) -> None:
         input_needs_grad = torch.is_grad_enabled() and args[0].requires_grad
+        batches = -(-len(args[0]) // len(x))  # a forward of 3B images (ELLE's) costs three of B
         if module.training:
-            if input_needs_grad:
-                counts.double_backprop += 1
+            if input_needs_grad and method.double_backprop:  # Free-AT's input gradient rides the one backward
+                counts.double_backprop += batches
             else:
-                counts.training += 1
+                counts.training += batches
         elif input_needs_grad:
-            counts.input_gradient += 1
+            counts.input_gradient += batches
         else:
-            counts.clean_forward += 1
+            counts.clean_forward += batches
 
     handle = model.register_forward_pre_hook(hook)
     try:

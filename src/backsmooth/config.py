@@ -18,10 +18,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from backsmooth import methods, models
+from backsmooth import methods, models, schedules
 from backsmooth.data import dataset_kind, dataset_names
 from backsmooth.errors import ConfigError
-from backsmooth.schedules import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -56,7 +55,8 @@ class RunConfig:
     lr: float = _field(0.1, "peak learning rate of the schedule")
     momentum: float = _field(0.9)
     weight_decay: float = _field(5e-4)
-    schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: {', '.join(SCHEDULES)}")
+    schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: "
+                                    f"{', '.join(schedules.SCHEDULES)}")
     # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
     val_pgd_steps: int = _field(20, "PGD steps of the per-epoch validation (0: clean accuracy only)")
     eval_batch_size: int = _field(256)
@@ -181,7 +181,7 @@ def validate(config: RunConfig) -> RunConfig:
     _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
     _check(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
-    _check(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    schedules.check(c.schedule)
     _check(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
              f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")

@@ -1,6 +1,7 @@
 """Named settings: the papers' protocols for every dataset x architecture x method, and small CPU
 presets that finish in minutes. `backsmooth presets` lists them; flags and files override them."""
 
+import math
 from typing import Any
 
 from backsmooth import methods
@@ -16,12 +17,11 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
     for dataset in ("cifar10", "cifar100", "tiny_imagenet"):
         for arch in ("resnet18", "wrn34_10", "preact_resnet18"):
             for method in methods.names():
-                if arch == "preact_resnet18" and method not in ("fgsm_rs", "gradalign"):
+                cls = methods.method_class(method)
+                if arch == "preact_resnet18" and cls.paper_arch != arch:
                     continue
-                values = dict(_PAPER, dataset=dataset, arch=arch, method=method)
-                if method == "fgsm_rs":
-                    values.update(schedule="cyclic", lr=0.1)  # Fast AT: cyclic schedule peaking at 0.2
-                presets[f"{dataset}-{arch}-{method}"] = values
+                presets[f"{dataset}-{arch}-{method}"] = dict(_PAPER, dataset=dataset, arch=arch, method=method,
+                                                             **cls.paper_settings)
     return presets
 
 
@@ -35,7 +35,10 @@ def _cpu_presets() -> dict[str, dict[str, Any]]:
     }
     for name, values in scale.items():
         for method in methods.names():
-            presets[f"cpu-{name}-{method}"] = dict(values, arch="small_cnn", method=method, schedule="cosine")
+            cls = methods.method_class(method)
+            epochs = math.ceil(values["epochs"] / methods.build(method).replays)  # Free-AT: epochs / m
+            presets[f"cpu-{name}-{method}"] = dict(values, arch="small_cnn", method=method, schedule="cosine",
+                                                   epochs=epochs, **cls.small_scale_options)
     presets["demo"] = presets["cpu-digits-backward_smoothing"]
     return presets
 

@@ -1,9 +1,17 @@
 """Learning-rate schedules, stepped per iteration and derived from the global step alone
-(so a resumed run needs no scheduler state)."""
+(so a resumed run needs no scheduler state).
+
+Named schedules, plus `piecewise:F=M,F=M,...`: the multiplier M of the base lr at fraction F of
+training, linear in between; two points at the same F make a step. The presets use it for the
+authors' schedules (NuAT's, GAT's and FGSM-PGI's drops, N-FGSM's and ELLE's triangle).
+"""
 
 import math
 
-SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant")
+from backsmooth.errors import ConfigError
+
+SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant", "piecewise:F=M,...")
+PIECEWISE = "piecewise:"
 
 
 def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
@@ -11,7 +19,7 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
 
     stage: x0.1 at 50% and 75% of all iterations (the paper's code); stage75: at 75% and 90%;
     cyclic: linear ramp 0 -> 2*lr over the first 40%, then linear decay to 0 (Fast AT);
-    cosine: half-cosine from lr to 0; constant: lr.
+    cosine: half-cosine from lr to 0; constant: lr; piecewise: see the module docstring.
     """
     progress = step / max(total_steps, 1)
     if schedule == "stage":
@@ -25,4 +33,43 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "constant":
         return base_lr
-    raise ValueError(f"unknown schedule {schedule!r}")
+    return base_lr * _interpolate(parse_piecewise(schedule), progress)
+
+
+def parse_piecewise(schedule: str) -> list[tuple[float, float]]:
+    """The (fraction, multiplier) points of a piecewise schedule; one-line errors for anything else."""
+    if not schedule.startswith(PIECEWISE):
+        raise ConfigError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    points = []
+    for item in schedule[len(PIECEWISE):].split(","):
+        fraction, _, multiplier = item.partition("=")
+        try:
+            point = (float(fraction), float(multiplier))
+        except ValueError:
+            raise ConfigError(f"schedule {schedule!r}: {item!r} is not FRACTION=MULTIPLIER, e.g. "
+                              f"piecewise:0=0,0.5=1,1=0") from None
+        if not (0 <= point[0] <= 1 and 0 <= point[1] < math.inf):
+            raise ConfigError(f"schedule {schedule!r}: fractions must be in [0, 1] and multipliers >= 0")
+        points.append(point)
+    if len(points) < 2 or points[0][0] != 0 or points[-1][0] != 1 or any(
+            b[0] < a[0] for a, b in zip(points, points[1:])):
+        raise ConfigError(f"schedule {schedule!r}: give points from fraction 0 to 1 in order, e.g. "
+                          f"piecewise:0=0,0.5=1,1=0")
+    return points
+
+
+def check(schedule: str) -> None:
+    """Refuse an unknown schedule name or a malformed piecewise spec."""
+    if schedule not in SCHEDULES[:-1]:
+        parse_piecewise(schedule)
+
+
+def _interpolate(points: list[tuple[float, float]], progress: float) -> float:
+    """The multiplier at `progress`; at a step (two points at one fraction) the later point holds."""
+    value = points[0][1]
+    for (f0, m0), (f1, m1) in zip(points, points[1:]):
+        if progress >= f1:
+            value = m1
+        elif progress >= f0:
+            return m0 + (m1 - m0) * (progress - f0) / (f1 - f0) if f1 > f0 else m1
+    return value

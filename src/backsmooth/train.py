@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from backsmooth import checkpoint, methods, models
+from backsmooth import checkpoint, methods
 from backsmooth import distributed as dist
 from backsmooth.accuracy import correct_under_attack, stratified_subset
 from backsmooth.attacks import pgd
+from backsmooth.build import build_loader, build_model, load_data
 from backsmooth.config import RunConfig, validate
-from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
 from backsmooth.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from backsmooth.methods import StepContext
 from backsmooth.run_dir import RunDirectory
 from backsmooth.runtime import Stopwatch
 from backsmooth.schedules import learning_rate
@@ -46,48 +47,6 @@ class TrainState:
     best_epoch: int = -1
     epoch_sums: dict[str, Any] = dataclasses.field(default_factory=dict)  # running sums of step statistics
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
-def default_val_size(config: RunConfig) -> int:
-    """--val-size, else the dataset's own default."""
-    return config.val_size if config.val_size is not None else dataset_kind(config.dataset).default_val_size
-
-
-def load_data(config: RunConfig, proc: dist.ProcessInfo) -> DatasetSplits:
-    """The dataset splits; under torchrun rank 0 reads (and downloads, and fills the cache) first."""
-    if not proc.is_main:
-        dist.barrier(proc)
-    data = load_dataset(config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
-                        download=config.download and proc.is_main, cache_dir=config.cache_dir)
-    if proc.is_main:
-        dist.barrier(proc)
-    return data
-
-
-def build_model(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo,
-                device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(the network, the module training calls): compiled and DDP-wrapped as the config asks."""
-    torch.manual_seed(config.seed)
-    net = models.build(config.arch, data.num_classes, in_channels=data.image_shape[0], mean=data.mean,
-                       std=data.std).to(device)
-    if config.sync_bn and proc.distributed:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if config.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model: nn.Module = torch.compile(net) if config.compile else net
-    if proc.distributed:  # attacks run on the wrapped module: no gradient or buffer syncs
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return net, model
-
-
-def build_loader(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo, device: torch.device) -> DeviceLoader:
-    """Shuffled, augmented training batches; each rank gets its shard of every global batch."""
-    loader = DeviceLoader(data.train, config.batch_size, augment=data.augment, shuffle=True, drop_last=True,
-                          seed=config.seed, device=device, rank=proc.rank, world_size=proc.world_size)
-    if len(loader) == 0:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
-                          f"({len(data.train)} examples); lower --batch-size")
-    return loader
 
 
 @contextmanager
@@ -139,6 +98,7 @@ class Trainer:
         self.data = load_data(config, self.proc)
         self.net, self.model = build_model(config, self.data, self.proc, self.device)
         self.method = methods.build(config.method, **config.method_hyperparameters())
+        self.method.setup(len(self.data.train), self.data.image_shape, self.device, config.seed)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -166,6 +126,9 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Everything the run depends on; collective under DDP (generator states come from every rank)."""
         generators = dist.gather_objects(self.generator.get_state(), self.proc)
+        # a method's state is either the same on every rank (kept once) or each rank's own (gathered)
+        method_state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.method.state.items()}
+        method_states = [method_state] if self.method.shared_state else dist.gather_objects(method_state, self.proc)
         # BatchNorm running statistics drift apart between DDP's buffer broadcasts, and the next
         # attack reads them: keep every rank's own copy so a resumed run continues identically
         buffers = dist.gather_objects({k: v.cpu() for k, v in self.net.named_buffers()}, self.proc)
@@ -177,6 +140,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "generators": generators,
             "rank_buffers": buffers,
+            "method_states": method_states,
             "torch_rng": torch.get_rng_state(),
             "train_state": dataclasses.asdict(self.state),
         }
@@ -198,6 +162,9 @@ class Trainer:
                 with torch.no_grad():
                     for name, buffer in self.net.named_buffers():
                         buffer.copy_(saved["rank_buffers"][self.proc.rank][name])
+                states = saved.get("method_states", [{}])
+                mine = states[0] if self.method.shared_state else states[self.proc.rank]
+                self.method.state.update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mine.items()})
                 self.optimizer.load_state_dict(saved["optimizer"])
                 self.scaler.load_state_dict(saved["scaler"])
                 self.generator.set_state(generators[self.proc.rank].cpu())
@@ -235,11 +202,11 @@ class Trainer:
                    desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step", leave=False)
         watch = Stopwatch(self.device)
         watch.start()
-        for x, y in self.loader.epoch(state.epoch, state.step_in_epoch):
+        for x, y, index in self.loader.indexed_epoch(state.epoch, state.step_in_epoch):
             lr = learning_rate(config.schedule, config.lr, state.global_step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self._step(x, y)
+            self._step(x, y, self._context(index))
             if self.config.compile and not self.compile_warmup_seconds:
                 # the first step compiles every graph a step uses: keep that out of the training time
                 self.compile_warmup_seconds = watch.stop()
@@ -273,10 +240,19 @@ class Trainer:
         state.epoch_seconds += watch.stop()
         state.train_seconds += state.epoch_seconds
 
-    def _step(self, x: Tensor, y: Tensor) -> None:
+    def _context(self, index: Tensor) -> StepContext:
+        """The method's view of the step: position, example indices, shard and the shared batch generator."""
+        state, size = self.state, self.config.batch_size
+        seed = self.config.seed * 1_000_003 + state.epoch * 100_003 + state.step_in_epoch
+        return StepContext(state.epoch, self.config.epochs, state.step_in_epoch,
+                           index if self.method.needs_index else None, (*self.loader.shard(size), size),
+                           torch.Generator(self.device).manual_seed(seed))
+
+    def _step(self, x: Tensor, y: Tensor, context: StepContext) -> None:
         skip = self.config.on_nonfinite == "skip"
         stats = training_step(self.model, self.method, self.optimizer, self.scaler, x, y, self.generator,
-                              self.device, self.config.precision, self.config.channels_last, skip_nonfinite=skip)
+                              self.device, self.config.precision, self.config.channels_last, skip_nonfinite=skip,
+                              context=context)
         if stats is None:
             self.state.skipped_steps += 1
             return

@@ -7,7 +7,7 @@ from backsmooth.attacks.engine import (
     LossFn,
     Perturbation,
     attack_mode,
-    backward_smoothing_init,
+    bernoulli_init,
     ce_loss,
     cw_margin_loss,
     gaussian_init,
@@ -16,6 +16,7 @@ from backsmooth.attacks.engine import (
     project,
     sign_step,
     uniform_init,
+    uniform_noise_init,
     unwrap,
     zero_init,
 )
@@ -39,7 +40,7 @@ def fgsm(eps: float) -> Perturbation:
 
 __all__ = [
     "AttackSpec", "attack_forms", "parse_attack", "parse_attacks", "register",
-    "AttackOutput", "Initializer", "LossFn", "Perturbation", "attack_mode", "backward_smoothing_init",
-    "ce_loss", "cw", "cw_margin_loss", "fgsm", "gaussian_init", "kl_loss", "pgd", "predict_eval",
-    "project", "sign_step", "uniform_init", "unwrap", "zero_init",
+    "AttackOutput", "Initializer", "LossFn", "Perturbation", "attack_mode", "bernoulli_init", "ce_loss", "cw",
+    "cw_margin_loss", "fgsm", "gaussian_init", "kl_loss", "pgd", "predict_eval", "project", "sign_step", "uniform_init",
+    "uniform_noise_init", "unwrap", "zero_init",
 ]

@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backsmooth.errors import ConfigError
-
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(logits, target) -> per-example loss of shape (m,); the attack ascends it."""
 
@@ -120,31 +118,32 @@ def uniform_init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
     return project(x + (2 * _rand(x, generator) - 1) * eps, x, eps)
 
 
+def uniform_noise_init(radius: float) -> Initializer:
+    """x + U(-radius, radius), projected (N-FGSM's noise of 2 eps inside a larger ball)."""
+
+    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+             generator: torch.Generator | None) -> Tensor:
+        return project(x + (2 * _rand(x, generator) - 1) * radius, x, eps)
+
+    return init
+
+
+def bernoulli_init(radius: float) -> Initializer:
+    """x + radius * (+-1 per element, each with probability 1/2), projected (GAT's and NuAT's start)."""
+
+    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+             generator: torch.Generator | None) -> Tensor:
+        return project(x + radius * torch.sign(0.5 - _rand(x, generator)), x, eps)
+
+    return init
+
+
 def gaussian_init(std: float) -> Initializer:
     """x + std * N(0, I), projected (TRADES' start, with std = 0.001)."""
 
     def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
              generator: torch.Generator | None) -> Tensor:
         return project(x + std * _rand(x, generator, normal=True), x, eps)
-
-    return init
-
-
-def backward_smoothing_init(gamma: float, step_size: float) -> Initializer:
-    """Backward smoothing (Chen et al. 2022): one sign step from x that *descends*
-    KL(p~ || s(f(x'))), with p~ = s(z + gamma * xi), xi ~ U(-1, 1) per sample and class, and
-    z the clean logits given as `target` (logits or log-probabilities: softmax ignores the shift).
-    One input-gradient pass.
-    """
-    if gamma <= 0:
-        raise ConfigError(f"backward smoothing needs gamma > 0, got {gamma} (gamma = 0 gives x_adv = x)")
-
-    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
-             generator: torch.Generator | None) -> Tensor:
-        xi = 2 * _rand(target, generator) - 1
-        noisy_target = F.log_softmax(target + gamma * xi, dim=1)
-        descent = Perturbation(kl_loss, zero_init, eps, -step_size, steps=1)
-        return descent(model, x, noisy_target, generator).x_adv
 
     return init
 

@@ -58,17 +58,22 @@ class DeviceLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches (x float32 in [0, 1] NCHW, y int64), both on the device, for steps start_step.. of `epoch`."""
+        for x, y, _ in self.indexed_epoch(epoch, start_step):
+            yield x, y
+
+    def indexed_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """As `epoch`, with the dataset indices of each batch's examples (for per-example method memory)."""
         n = len(self.labels)
         order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
         for step in range(start_step, len(self)):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-            lo, hi = self._shard(len(batch))
+            lo, hi = self.shard(len(batch))
             mine = batch[lo:hi]
             x = self._augmented(self.images.index_select(0, mine), len(batch), lo, hi, epoch, step)
-            yield x.float().div_(255), self.labels.index_select(0, mine)
+            yield x.float().div_(255), self.labels.index_select(0, mine), mine
 
-    def _shard(self, size: int) -> tuple[int, int]:
+    def shard(self, size: int) -> tuple[int, int]:
         """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
         return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
 

@@ -9,7 +9,7 @@ below; see docs/extending.md.
 """
 # ruff: noqa: I001  (importing a method module registers it: the import order is the order of tables and help)
 
-from backsmooth.methods.base import Option, Stats, TrainingMethod, hyperparameter
+from backsmooth.methods.base import Option, Stats, StepContext, TrainingMethod, hyperparameter
 from backsmooth.methods.registry import build, method_class, names, options, register, takers
 
 from backsmooth.methods.backward_smoothing import BackwardSmoothing
@@ -18,6 +18,13 @@ from backsmooth.methods.pgd_at import PGDAT
 from backsmooth.methods.fgsm_rs import FGSMRS
 from backsmooth.methods.gradalign import GradAlign
 from backsmooth.methods.natural import Natural
+from backsmooth.methods.nfgsm import NFGSM
+from backsmooth.methods.guided import GAT, NuAT
+from backsmooth.methods.fgsm_pgi import FGSMPGI
+from backsmooth.methods.elle import ELLE, ELLEA
+from backsmooth.methods.free_at import FreeAT
 
 __all__ = ["build", "names", "method_class", "options", "register", "takers", "hyperparameter", "Option", "Stats",
-           "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES", "PGDAT", "FGSMRS", "GradAlign", "Natural"]
+           "StepContext",
+           "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES", "PGDAT", "FGSMRS", "GradAlign", "Natural",
+           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT"]

@@ -32,39 +32,89 @@ class Option:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Where training stands when a method is called: for methods whose weights follow the epoch
+    (NuAT, GAT) and methods that remember each training example (FGSM-PGI: `index`)."""
+
+    epoch: int = 0  # 0-based
+    epochs: int = 1
+    step_in_epoch: int = 0
+    index: Tensor | None = None  # dataset indices of the batch's examples, when the method asks for them
+    # this process's rows [lo, hi) of a global batch of `size`, and a generator seeded by (run seed, epoch,
+    # step), the same on every process: noise drawn for the global batch and sliced is independent of the
+    # number of processes (ELLE's)
+    shard: tuple[int, int, int] | None = None
+    batch_generator: torch.Generator | None = None
+
+    def global_rand(self, shape: tuple[int, ...], like: Tensor, fallback: torch.Generator | None) -> Tensor:
+        """U(0, 1) of `shape` (first dimension: this process's rows), drawn for the global batch when known."""
+        if self.shard is None or self.batch_generator is None:
+            return torch.rand(shape, generator=fallback, device=like.device, dtype=like.dtype)
+        lo, hi, size = self.shard
+        full = torch.rand((size, *shape[1:]), generator=self.batch_generator, device=like.device, dtype=like.dtype)
+        return full[lo:hi]
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingMethod:
     """A training loss: `loss = method(model, x, y, generator=g)`, model in train mode.
 
     A subclass is a frozen dataclass that declares `name`, `summary`, its hyperparameters as fields
     (with `hyperparameter(default, help)`; `eps` is the run's radius) and `floor_units()`, the
     cost of one training step in forward passes. Pass `stats={}` to receive detached per-batch
-    statistics (no host synchronisation).
+    statistics (no host synchronisation) and `context` for epoch-dependent methods.
+
+    Stateful methods (per-example memory, running statistics, a carried perturbation) keep their
+    tensors in `self.state` (a dict, not a hyperparameter): the trainer calls `setup` once, saves
+    `state` in every checkpoint and restores it, so resuming stays exact. A method that needs the
+    training backward itself (Free-AT) sets `replays` and updates its state in `after_backward`.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    needs_index: ClassVar[bool] = False  # the trainer passes context.index (loader indices)
+    shared_state: ClassVar[bool] = True  # state identical on every process (else each rank's own is saved)
+    double_backprop: ClassVar[bool] = False  # differentiates input gradients of training forwards (GradAlign)
+    # the authors' CIFAR-10 protocol where it differs from the common one (epochs, lr, schedule, batch, ...),
+    # and the architecture they report besides ResNet-18 and WRN-34-10 (for the presets)
+    paper_settings: ClassVar[dict[str, Any]] = {}
+    paper_arch: ClassVar[str | None] = None
+    small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
+    state: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         raise NotImplementedError
 
     def floor_units(self) -> int:
         """The floor cost of one step in forward-pass units F (docs/algorithms.md#cost-in-forward-passes)."""
         raise NotImplementedError
 
+    @property
+    def replays(self) -> int:
+        """Optimiser steps per batch: the trainer calls the method, backpropagates and steps this often."""
+        return 1
+
+    def setup(self, train_size: int, image_shape: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
+        """Allocate state for a training set of `train_size` images (per-example memory); default: none.
+        `seed` is the run's, for state that must be drawn identically on every process."""
+
+    def after_backward(self) -> None:
+        """Called after each training backward, before the optimiser step; default: nothing."""
+
     def hyperparameters(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
     @classmethod
     def options(cls) -> tuple[Option, ...]:
         """The hyperparameters a run may set (every field but eps), with their types and help."""
         hints = typing.get_type_hints(cls)
         return tuple(Option(f.name, _value_type(hints[f.name]), f.metadata.get("help", ""))
-                     for f in dataclasses.fields(cls) if f.name not in RUN_LEVEL)
+                     for f in dataclasses.fields(cls) if f.init and f.name not in RUN_LEVEL)
 
     def _set(self, field: str, value: float) -> None:
         """Resolve a default that depends on another field (frozen dataclass)."""
@@ -109,7 +159,7 @@ def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: flo
 
 
 def ce_training_loss(model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None) -> Tensor:
-    """Cross-entropy on x in train mode (natural, PGD-AT, FGSM-RS)."""
+    """Cross-entropy on x in train mode (natural, PGD-AT, FGSM-RS and the single-step methods)."""
     logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     record(stats, ce=loss, accuracy=(logits.argmax(1) == y).float())

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, ce_training_loss, hyperparameter, record
 from backsmooth.methods.registry import register
 
 
@@ -14,6 +14,8 @@ from backsmooth.methods.registry import register
 @dataclasses.dataclass(frozen=True)
 class FGSMRS(TrainingMethod):
     name = "fgsm_rs"
+    paper_settings = {"schedule": "cyclic", "lr": 0.1}  # Fast AT: cyclic, peaking at 0.2
+    paper_arch = "preact_resnet18"
     summary = "Fast AT: single-step FGSM from a random start; cheapest robust method, can collapse"
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
@@ -27,7 +29,7 @@ class FGSMRS(TrainingMethod):
         return 2 + 3  # one input-gradient step, one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         x_adv, start_loss = pgd(self.eps, self.alpha, 1, random_start=True)(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
         return ce_training_loss(model, x_adv, y, stats)

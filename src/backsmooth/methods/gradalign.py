@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd, uniform_init
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, ce_training_loss, hyperparameter, record
 from backsmooth.methods.registry import register
 
 
@@ -28,6 +28,8 @@ def _input_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 @dataclasses.dataclass(frozen=True)
 class GradAlign(TrainingMethod):
     name = "gradalign"
+    double_backprop = True
+    paper_arch = "preact_resnet18"
     summary = "FGSM + gradient-alignment regulariser; prevents catastrophic overfitting at ~3x FGSM's cost"
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
@@ -44,7 +46,7 @@ class GradAlign(TrainingMethod):
         return 15  # FGSM step and training pass (5) plus two input gradients kept for double backprop (about 10)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         x_adv, _ = pgd(self.eps, self.alpha, 1, random_start=self.random_start)(model, x, y, generator)
         loss = ce_training_loss(model, x_adv, y, stats)
         grad_clean = _input_gradient(model, x, y)

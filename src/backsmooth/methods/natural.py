@@ -5,7 +5,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, ce_training_loss
 from backsmooth.methods.registry import register
 
 
@@ -19,5 +19,5 @@ class Natural(TrainingMethod):
         return 3  # one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         return ce_training_loss(model, x, y, stats)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd
-from backsmooth.methods.base import Stats, TrainingMethod, ce_training_loss, hyperparameter, record
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, ce_training_loss, hyperparameter, record
 from backsmooth.methods.registry import register
 
 
@@ -27,7 +27,7 @@ class PGDAT(TrainingMethod):
         return 2 * self.steps + 3  # K input-gradient steps, one training forward and backward
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         attack = pgd(self.eps, self.alpha, self.steps, random_start=True)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)

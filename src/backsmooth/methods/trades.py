@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import gaussian_init, uniform_init
-from backsmooth.methods.base import Stats, TrainingMethod, hyperparameter, trades_step
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, trades_step
 from backsmooth.methods.registry import register
 
 
@@ -33,7 +33,7 @@ class TRADES(TrainingMethod):
         return 1 + 2 * self.steps + 6  # clean forward, K input-gradient steps, the TRADES loss
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         return trades_step(model, x, y, gaussian_init(0.001), self.eps, self.alpha, self.steps, self.beta,
                            generator, stats)
 
@@ -57,5 +57,5 @@ class FastTRADES(TrainingMethod):
         return 1 + 2 + 6  # clean forward, one input-gradient step, the TRADES loss
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None) -> Tensor:
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         return trades_step(model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats)
