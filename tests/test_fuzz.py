@@ -47,8 +47,9 @@ def stop_before_work(monkeypatch):
 
 # --------------------------------------------------------------------------- values
 
-STRANGE = ["", " ", "0", "-1", "-0", "1", "2", "nan", "NaN", "inf", "-inf", "1e400", "-1e400", "1e-400", "8/255",
-           "1/0", "0/0", "0x10", "1.5", "1,5", "99999999999999999999", "true", "none", "null", "ü", "😀", "\t",
+STRANGE = ["", " ", "--help", "-h", "0", "-1", "-0", "1", "2", "nan", "NaN", "inf", "-inf", "1e400", "-1e400", "1e-400",
+           "8/255", "1/0", "0/0", "0x10", "1.5", "1,5", "99999999999999999999", "true", "none", "null", "ü", "😀",
+           "\t",
            "a\nb", "--", "-", "../escape", "/", "/dev/null", "/nonexistent/x", "~", "$HOME", "%s", "{}", "[]"]
 values = st.one_of(st.sampled_from(STRANGE), st.text(max_size=12).filter(lambda s: "\x00" not in s),
                    st.integers(-10 ** 20, 10 ** 20).map(str),
@@ -340,3 +341,11 @@ def test_fuzz_harness_detects_a_traceback(monkeypatch):
     monkeypatch.setattr(cli.presets, "main", broken)
     with sandbox() as root, pytest.raises(RuntimeError, match="boom"):
         check_invocation(["presets"], root, root / "out")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "bench", "report", "presets"])
+def test_help_of_every_subcommand(command):
+    """Regression: a '%' in a help text made `backsmooth train --help` a traceback (argparse formats help)."""
+    with sandbox() as root:
+        code, _ = check_invocation([command, "--help"], root, root)
+    assert code == 0

@@ -17,7 +17,8 @@ from backsmooth.checkpoint import write_jsonl
 from backsmooth.config import RunConfig
 from backsmooth.errors import BacksmoothError, DataError
 from backsmooth.evaluation import evaluate, model_info
-from backsmooth.report import PLOTS, build_report, run_labels
+from backsmooth.report import PLOTS, build_report, read_run, run_labels
+from backsmooth.report.plots import collapse_points
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEGACY_METHOD_KEYS = ("alpha", "beta", "gamma", "steps", "grad_align_lambda")  # top-level in older config.json
@@ -61,6 +62,17 @@ def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = 
                     train_seconds=total, best_epoch=len(rows), test_examples=1000, processes=1, best=best, last=best)
         atomic_write_json(run / "summary.json", data if data_note is None else data | dict(data_note=data_note))
     return run
+
+
+def add_collapse(run: Path, *, epoch: int, step: int, action: str = "stop", summary: bool = True) -> None:
+    """A collapse event appended to metrics.jsonl as the trainer's guard writes it and, with `summary`, kept in
+    summary.json (without `action`, as the trainer's summary has it)."""
+    event = dict(event="collapse", epoch=epoch, step=step, guard_pgd_acc=0.04, guard_best=0.31, train_adv_acc=0.82,
+                 train_adv_acc_at_best=0.55, guard_examples=256)
+    with (run / "metrics.jsonl").open("a") as file:
+        file.write(json.dumps(event | dict(action=action)) + "\n")
+    if summary:
+        atomic_write_json(run / "summary.json", json.loads((run / "summary.json").read_text()) | dict(collapse=event))
 
 
 def write_eval(run: Path, name: str, result: dict[str, Any], which: str, clean: float,
@@ -187,8 +199,56 @@ def test_report_json_keeps_the_keys_of_earlier_reports(report):
     data = json.loads((report.parent / "report.json").read_text())
     docs = Path(__file__).resolve().parents[1] / "docs" / "results"
     earlier = json.loads((docs / "study-seeds" / "report.json").read_text())
-    assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0])}
-    assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0])
+    assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0]) | {"collapse"}}  # new key
+    assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0]) | {"collapsed"}
+
+
+def test_a_collapsed_run_is_marked(tmp_path):
+    """A run the collapse guard stopped in epoch 3: its event is apart from the epochs, its row says where it
+    collapsed, report.md marks it once with one note; its seed group counts it; other runs carry no collapse."""
+    stopped = write_run(tmp_path, "fgsm0", method="fgsm_rs", seed=0, epoch_seconds=(10.0, 10.0),
+                        val_robust=(0.3, 0.4), val_clean=(0.6, 0.7))
+    add_collapse(stopped, epoch=3, step=20)
+    fine = write_run(tmp_path, "fgsm1", method="fgsm_rs", seed=1)  # an older summary.json without "collapse"
+    trades = write_run(tmp_path, "trades", method="trades")
+    atomic_write_json(trades / "summary.json", json.loads((trades / "summary.json").read_text()) | dict(collapse=None))
+    run = read_run(stopped)
+    assert [r["epoch"] for r in run.metrics] == [1, 2] and [e["event"] for e in run.events] == ["collapse"]
+    assert run.collapse["action"] == "stop" and read_run(fine).collapse is None and read_run(trades).collapse is None
+    assert collapse_points(run) == [(2.5, 25.0, 4.0)]  # 8 steps an epoch: step 20 is half-way through epoch 3
+    report = build_report([stopped, fine, trades], tmp_path / "out")
+    text = report.read_text()
+    rows = markdown_table(text, "run")
+    assert list(rows) == [("fgsm_rs seed=0 (collapsed)", "best (epoch 2)"), ("fgsm_rs seed=1", "best (epoch 3)"),
+                          ("trades", "best (epoch 3)")]
+    assert rows["fgsm_rs seed=0 (collapsed)", "best (epoch 2)"]["epochs"] == "2/3"
+    data = json.loads((report.parent / "report.json").read_text())
+    where = "epoch 3 (step 20): guard PGD-5 4.0% vs best 31.0%, stopped"
+    assert [row["collapse"] for row in data["rows"]] == [where, None, None]
+    (note,) = [n for n in data["notes"] if "collapse guard" in n]
+    assert "best.pt is from before the collapse" in note and note.endswith(f"fgsm_rs seed=0 at {where}.")
+    assert text.count("'(collapsed)' after a run label") == 1 and f"{note}\n" in text
+    (group,) = data["seed_groups"]
+    assert group["collapsed"] == 1 and markdown_table(text, "runs")["fgsm_rs", "best"]["n"] == "2 (1 collapsed)"
+
+
+def test_a_collapse_in_metrics_only_and_runs_without_one(tmp_path):
+    """Without summary.json (the guard warned, training goes on) the first collapse event of metrics.jsonl counts;
+    a report without collapses has `collapse` null, no mark and no note."""
+    warned = write_run(tmp_path, "warned", method="fgsm_rs", summary=None)
+    add_collapse(warned, epoch=2, step=12, action="warn", summary=False)
+    add_collapse(warned, epoch=2, step=14, action="warn", summary=False)
+    run = read_run(warned)
+    assert len(run.metrics) == 3 and [e["step"] for e in run.events] == [12, 14]
+    assert [point[0] for point in collapse_points(run)] == [1.5, 1.75]
+    report = build_report([warned], tmp_path / "out")
+    assert json.loads((report.parent / "report.json").read_text())["rows"][0]["collapse"] == (
+        "epoch 2 (step 12): guard PGD-5 4.0% vs best 31.0%, went on")
+    assert "fgsm_rs (collapsed)" in report.read_text()
+    plain = build_report([write_run(tmp_path, "plain", method="fgsm_rs")], tmp_path / "out2")
+    data = json.loads((plain.parent / "report.json").read_text())
+    assert data["rows"][0]["collapse"] is None and not any("collapse" in note for note in data["notes"])
+    assert "collapsed" not in plain.read_text()
 
 
 def test_only_trades_with_ten_steps_is_the_reference(tmp_path):
@@ -272,6 +332,12 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, runs):
         build_report([tmp_path / "empty"], tmp_path / "out")
     (tmp_path / "empty" / "metrics.jsonl").write_text('{"epoch": 1, "train_seconds": 1.0, "total_tr\n')
     with pytest.raises(DataError, match="metrics.jsonl line 1 is not valid JSON"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"event": "collapse", "epoch": 1, "step": 5}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl has no epochs yet; report a run after its first epoch$"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"event": "collapse", "epoch": "one"}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl line 1 \(an event\) lacks a valid 'epoch'"):
         build_report([tmp_path / "empty"], tmp_path / "out")
     bad = write_run(tmp_path, "bad", method="trades", data_note=JPEG_NOTE)
     summary = json.loads((bad / "summary.json").read_text())

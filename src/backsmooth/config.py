@@ -55,6 +55,14 @@ class RunConfig:
     lr: float = _field(0.1, "peak learning rate of the schedule")
     momentum: float = _field(0.9)
     weight_decay: float = _field(5e-4)
+    # the modern recipe (docs/recipe.md)
+    label_smoothing: float = _field(0.0, "label smoothing of the training loss's cross-entropy term (0: off)")
+    weight_averaging: float = _field(0.0, "EMA decay tau of the weights, e.g. 0.9995; validation, selection, "
+                                          "last.pt and best.pt use the average (0: off)")
+    collapse_every: int = _field(0, "steps between collapse-guard checks (0: off, the default; -1: a 20th of "
+                                    "an epoch); see docs/recipe.md")
+    collapse_fraction: float = _field(0.5, "collapse: guard PGD accuracy below this fraction of its best")
+    on_collapse: str = _field("stop", "warn, or stop keeping the last good best.pt (default)")
     schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: "
                                     f"{', '.join(schedules.SCHEDULES)}")
     # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
@@ -77,8 +85,11 @@ class RunConfig:
     def method_hyperparameters(self) -> dict[str, Any]:
         """The keyword arguments of `methods.build`: the set options, plus eps where the method has one."""
         chosen = dict(self.method_options)
-        if "eps" in methods.method_class(self.method).hyperparameter_names():
+        accepted = methods.method_class(self.method).hyperparameter_names()
+        if "eps" in accepted:
             chosen["eps"] = self.eps
+        if self.label_smoothing and "label_smoothing" in accepted:
+            chosen["label_smoothing"] = self.label_smoothing
         return chosen
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +190,12 @@ def validate(config: RunConfig) -> RunConfig:
     _check(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
     _check(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
     _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    _check(c.weight_averaging == 0 or 0 < c.weight_averaging < 1,
+           f"weight_averaging must be 0 (off) or a decay in (0, 1) such as 0.9995, got {c.weight_averaging}")
+    _check(c.collapse_every >= -1, f"collapse_every must be >= 0, or -1 for 5% of an epoch, got {c.collapse_every}")
+    _check(0 < c.collapse_fraction < 1, f"collapse_fraction must be in (0, 1), got {c.collapse_fraction}")
+    _check(c.on_collapse in ("warn", "stop"), f"on_collapse must be warn or stop, got {c.on_collapse!r}")
     _check(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     schedules.check(c.schedule)

@@ -10,7 +10,8 @@ import math
 
 from backsmooth.errors import ConfigError
 
-SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant", "piecewise:F=M,...")
+SCHEDULES = ("stage", "stage75", "cyclic", "cosine", "constant", "onecycle", "piecewise:F=M,...")
+ONECYCLE_RISE, ONECYCLE_START, ONECYCLE_END = 0.3, 1 / 25, 1 / 25 / 1e4  # torch.optim.lr_scheduler.OneCycleLR's
 PIECEWISE = "piecewise:"
 
 
@@ -19,7 +20,9 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
 
     stage: x0.1 at 50% and 75% of all iterations (the paper's code); stage75: at 75% and 90%;
     cyclic: linear ramp 0 -> 2*lr over the first 40%, then linear decay to 0 (Fast AT);
-    cosine: half-cosine from lr to 0; constant: lr; piecewise: see the module docstring.
+    cosine: half-cosine from lr to 0; constant: lr; onecycle: cosine rise from lr/25 to lr over the
+    first 30%, then cosine anneal to lr/25/1e4 (PyTorch's OneCycleLR defaults, per iteration);
+    piecewise: see the module docstring.
     """
     progress = step / max(total_steps, 1)
     if schedule == "stage":
@@ -33,6 +36,11 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     if schedule == "constant":
         return base_lr
+    if schedule == "onecycle":  # phase ends at steps 0.3 T - 1 and T - 1, as in PyTorch
+        peak = max(ONECYCLE_RISE * total_steps - 1, 1)
+        if step <= peak:
+            return base_lr * _cosine_between(ONECYCLE_START, 1.0, step / peak)
+        return base_lr * _cosine_between(1.0, ONECYCLE_END, (step - peak) / max(total_steps - 1 - peak, 1))
     return base_lr * _interpolate(parse_piecewise(schedule), progress)
 
 
@@ -62,6 +70,11 @@ def check(schedule: str) -> None:
     """Refuse an unknown schedule name or a malformed piecewise spec."""
     if schedule not in SCHEDULES[:-1]:
         parse_piecewise(schedule)
+
+
+def _cosine_between(start: float, end: float, fraction: float) -> float:
+    """From `start` at fraction 0 to `end` at 1 along half a cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * fraction))
 
 
 def _interpolate(points: list[tuple[float, float]], progress: float) -> float:

@@ -6,64 +6,31 @@ torchrun, rank 0 alone writes; every rank trains on its shard of each global bat
 """
 
 import dataclasses
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from backsmooth import checkpoint, methods
 from backsmooth import distributed as dist
 from backsmooth.accuracy import correct_under_attack, stratified_subset
 from backsmooth.attacks import pgd
+from backsmooth.averaging import WeightAverage
 from backsmooth.build import build_loader, build_model, load_data
 from backsmooth.config import RunConfig, validate
 from backsmooth.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from backsmooth.guard import CollapseGuard, GuardState
+from backsmooth.loop_state import Collapsed, TrainState, stop_on_signals
 from backsmooth.methods import StepContext
 from backsmooth.run_dir import RunDirectory
 from backsmooth.runtime import Stopwatch
 from backsmooth.schedules import learning_rate
 from backsmooth.step import training_step
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Loop position and bookkeeping; with model, optimiser and RNG states it makes a run resumable."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    train_seconds: float = 0.0
-    epoch_seconds: float = 0.0
-    skipped_steps: int = 0
-    best_val_robust: float = -1.0
-    best_epoch: int = -1
-    epoch_sums: dict[str, Any] = dataclasses.field(default_factory=dict)  # running sums of step statistics
-    metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, lambda *_: requested.set())
-    try:
-        yield requested
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 class Trainer:
@@ -106,6 +73,7 @@ class Trainer:
         # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
         self.generator = torch.Generator(self.device).manual_seed(config.seed + 1_000_003 * self.proc.rank)
         self.state = TrainState()
+        self.average = WeightAverage(self.net, config.weight_averaging) if config.weight_averaging else None
         self.compile_warmup_seconds = 0.0  # first step's time with --compile (excluded from training time)
         if self.proc.is_main:
             self.run_dir.create(stale)
@@ -114,6 +82,14 @@ class Trainer:
         dist.barrier(self.proc)
         if has_checkpoint:
             self._restore()
+        every = max(len(self.loader) // 20, 1) if config.collapse_every == -1 else config.collapse_every
+        self.guard = CollapseGuard(self.data.val.images, self.data.val.labels, config.eps, every,
+                                   config.collapse_fraction, self.state.guard, start_step=len(self.loader))
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What validation, selection, the final evaluation and last.pt / best.pt use: the average when on."""
+        return self.average.module if self.average is not None else self.net
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -121,10 +97,13 @@ class Trainer:
         meta = dict(arch=self.config.arch, num_classes=self.data.num_classes, in_channels=self.data.image_shape[0],
                     image_shape=list(self.data.image_shape), dataset=self.config.dataset, method=self.config.method,
                     eps=self.config.eps, epoch=epoch)
-        return {"model": self.net.state_dict(), "meta": meta}
+        return {"model": self.eval_net.state_dict(), "meta": meta}
 
     def _save_checkpoint(self) -> None:
         """Everything the run depends on; collective under DDP (generator states come from every rank)."""
+        self.guard.flush()
+        if self.average is not None:
+            self.average.synchronise()
         generators = dist.gather_objects(self.generator.get_state(), self.proc)
         # a method's state is either the same on every rank (kept once) or each rank's own (gathered)
         method_state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.method.state.items()}
@@ -141,6 +120,7 @@ class Trainer:
             "generators": generators,
             "rank_buffers": buffers,
             "method_states": method_states,
+            "average": self.average.state_dict() if self.average is not None else None,
             "torch_rng": torch.get_rng_state(),
             "train_state": dataclasses.asdict(self.state),
         }
@@ -172,6 +152,9 @@ class Trainer:
                 if "cuda_rng" in saved and self.device.type == "cuda":
                     torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), self.device)
                 self.state = TrainState(**saved["train_state"])
+                self.state.guard = GuardState(**self.state.guard)
+                if self.average is not None:
+                    self.average.load_state_dict(saved["average"])
             except (CheckpointError, KeyError, TypeError) as exc:
                 errors.append(str(exc))
                 continue
@@ -186,9 +169,14 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate last and best on the test set."""
+        stopped = self.state.guard.collapse is not None and self.config.on_collapse == "stop"
         with stop_on_signals() as stop_requested:
-            while self.state.epoch < self.config.epochs:
-                self._train_epoch(stop_requested)
+            while self.state.epoch < self.config.epochs and not stopped:
+                try:
+                    self._train_epoch(stop_requested)
+                except Collapsed:
+                    stopped = True
+                    break
                 self._end_epoch()
         return self._finish()
 
@@ -215,6 +203,13 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             bar.update()
+            if self.guard.due(state.global_step):
+                watch.stop()  # the guard's attack is not training time
+                event = self.guard.check(self.net, state.global_step, state.epoch)
+                collapsed = dist.any_process(event is not None, self.proc, self.device)
+                watch.start()
+                if collapsed:
+                    self._collapsed(bar)
             # under DDP the stop decision is taken together, at log intervals, so ranks stay in step
             stop = stop_requested.is_set() if not self.proc.distributed else (
                 state.global_step % config.log_every == 0
@@ -248,11 +243,31 @@ class Trainer:
                            index if self.method.needs_index else None, (*self.loader.shard(size), size),
                            torch.Generator(self.device).manual_seed(seed))
 
+    def _collapsed(self, bar: tqdm) -> None:
+        """Record the collapse event; stop the run (its best.pt is from before) unless --on-collapse warn."""
+        state = self.state
+        # under torchrun another rank may have seen it first (its guard batch statistics differ slightly)
+        event = state.guard.collapse = state.guard.collapse or {"event": "collapse", "epoch": state.epoch + 1,
+                                                                "step": state.global_step}
+        event["action"] = self.config.on_collapse
+        self.state.metrics.append(dict(event))
+        if self.proc.is_main:
+            self.run_dir.write_metrics(self.state.metrics)
+            print(f"warning: catastrophic overfitting at step {event.get('step')}: guard PGD-5 accuracy "
+                  f"{event.get('guard_pgd_acc', float('nan')):.1%}, best {event.get('guard_best', float('nan')):.1%}, "
+                  f"training accuracy on the method's own attacks {event.get('train_adv_acc', float('nan')):.1%}; "
+                  + ("stopping, best.pt is from before" if self.config.on_collapse == "stop" else "going on"),
+                  file=sys.stderr, flush=True)
+        if self.config.on_collapse == "stop":
+            bar.close()
+            raise Collapsed
+
     def _step(self, x: Tensor, y: Tensor, context: StepContext) -> None:
         skip = self.config.on_nonfinite == "skip"
         stats = training_step(self.model, self.method, self.optimizer, self.scaler, x, y, self.generator,
                               self.device, self.config.precision, self.config.channels_last, skip_nonfinite=skip,
-                              context=context)
+                              context=context, after_step=self.average and (lambda: self.average.update(self.net)))
+        self.guard.observe(stats)
         if stats is None:
             self.state.skipped_steps += 1
             return
@@ -279,12 +294,13 @@ class Trainer:
         shard = slice(self.proc.rank, None, self.proc.world_size)
         images, labels = images[shard], labels[shard]
         kwargs = dict(batch_size=self.config.eval_batch_size, precision=self.config.precision)
-        clean = correct_under_attack(self.net, images, labels, **kwargs)
+        clean = correct_under_attack(self.eval_net, images, labels, **kwargs)
         robust = clean
         if pgd_steps:
             generator = torch.Generator(self.device).manual_seed(self.config.seed + self.proc.rank)
             attack = pgd(self.config.eps, 2 / 255, pgd_steps, random_start=True)
-            robust = clean & correct_under_attack(self.net, images, labels, attack, generator=generator, **kwargs)
+            robust = clean & correct_under_attack(self.eval_net, images, labels, attack, generator=generator,
+                                                  **kwargs)
         counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64,
                               device=self.device)
         n_clean, n_robust, n = dist.all_reduce_sum(counts, self.proc).tolist()
@@ -296,6 +312,8 @@ class Trainer:
         config, state = self.config, self.state
         epoch = state.epoch
         eval_watch = Stopwatch(self.device)
+        if self.average is not None:
+            self.average.synchronise()  # one average on every process before it is evaluated and saved
         with eval_watch.running():
             val_clean, val_robust = self._accuracy(self.data.val.images, self.data.val.labels, config.val_pgd_steps)
         keys = sorted(k for k in state.epoch_sums if k not in ("count", "nonfinite"))
@@ -344,14 +362,15 @@ class Trainer:
                                    "dataset": config.dataset, "data_note": self.data.note, "eps": config.eps,
                                    "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
-                                   "test_examples": len(index), "processes": self.proc.world_size}
+                                   "test_examples": len(index), "processes": self.proc.world_size,
+                                   "weight_averaging": config.weight_averaging, "collapse": self.state.guard.collapse}
         for which in ("last", "best"):
             saved = checkpoint.load(self.run_dir.file(f"{which}.pt"), map_location=self.device)
             epoch = saved["meta"]["epoch"]
             if which == "best" and epoch == results["last"]["epoch"]:
                 results["best"] = results["last"]  # the same weights
                 continue
-            checkpoint.load_state_into(self.net, saved["model"], f"{which}.pt")
+            checkpoint.load_state_into(self.eval_net, saved["model"], f"{which}.pt")
             clean, robust = self._accuracy(images, labels, 20) if len(index) else (float("nan"), float("nan"))
             results[which] = {"epoch": epoch, "clean_acc": clean, "pgd20_acc": robust}
         if self.proc.is_main:

@@ -44,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
         is_bool = bool in kinds or "bool" in kinds or (name not in names and methods.options()[name].kind is bool)
         if is_bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=cfg.field_help(name))
+                                help=cfg.field_help(name).replace("%", "%%"))
         else:
-            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=cfg.field_help(name))
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(),
+                                help=cfg.field_help(name).replace("%", "%%"))
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:

@@ -2,6 +2,7 @@
 hyperparameter checks, and the losses several methods use (TRADES, cross-entropy)."""
 
 import dataclasses
+import inspect
 import types
 import typing
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from backsmooth.attacks import Initializer, Perturbation, kl_loss, predict_eval
 from backsmooth.errors import ConfigError
 
 Stats = dict[str, Tensor]
-RUN_LEVEL = ("eps",)  # dataclass fields set by the run (--eps), not method options
+RUN_LEVEL = ("eps", "label_smoothing")  # dataclass fields set by the run (--eps, --label-smoothing)
 
 
 def hyperparameter(default: Any, help: str) -> Any:
@@ -81,6 +82,8 @@ class TrainingMethod:
     paper_arch: ClassVar[str | None] = None
     small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
     state: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # the run's label smoothing, on the cross-entropy term of the training loss (not inside attacks)
+    label_smoothing: float = 0.0
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
@@ -89,6 +92,11 @@ class TrainingMethod:
     def floor_units(self) -> int:
         """The floor cost of one step in forward-pass units F (docs/algorithms.md#cost-in-forward-passes)."""
         raise NotImplementedError
+
+    @classmethod
+    def takes_context(cls) -> bool:
+        """Whether `__call__` accepts `context=` (methods written without it keep working)."""
+        return "context" in inspect.signature(cls.__call__).parameters
 
     @property
     def replays(self) -> int:
@@ -146,11 +154,12 @@ def record(stats: Stats | None, **values: Tensor) -> None:
 
 
 def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float,
-                stats: Stats | None) -> Tensor:
-    """CE(f(x), y) + beta * KL(s(f(x)) || s(f(x_adv))), train mode, gradients through both sides."""
+                stats: Stats | None, smoothing: float = 0.0) -> Tensor:
+    """CE(f(x), y) + beta * KL(s(f(x)) || s(f(x_adv))), train mode, gradients through both sides;
+    `smoothing`: label smoothing of the CE term."""
     logits_nat = model(x)
     logits_adv = model(x_adv)
-    ce = F.cross_entropy(logits_nat.float(), y)
+    ce = F.cross_entropy(logits_nat.float(), y, label_smoothing=smoothing)
     kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.log_softmax(logits_nat.float(), dim=1),
                   reduction="batchmean", log_target=True)
     record(stats, ce=ce, kl=kl, accuracy=(logits_nat.argmax(1) == y).float(),
@@ -158,19 +167,20 @@ def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: flo
     return ce + beta * kl
 
 
-def ce_training_loss(model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None) -> Tensor:
+def ce_training_loss(model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None, smoothing: float = 0.0) -> Tensor:
     """Cross-entropy on x in train mode (natural, PGD-AT, FGSM-RS and the single-step methods)."""
     logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
     record(stats, ce=loss, accuracy=(logits.argmax(1) == y).float())
     return loss
 
 
 def trades_step(model: nn.Module, x: Tensor, y: Tensor, init: Initializer, eps: float, alpha: float,
-                steps: int, beta: float, generator: torch.Generator | None, stats: Stats | None) -> Tensor:
+                steps: int, beta: float, generator: torch.Generator | None, stats: Stats | None,
+                smoothing: float = 0.0) -> Tensor:
     """One no-grad clean forward, K KL ascent steps from `init`, then the TRADES loss."""
     clean_log_probs = F.log_softmax(predict_eval(model, x).float(), dim=1)
     attack = Perturbation(kl_loss, init, eps, alpha, steps)
     x_adv, start_kl = attack(model, x, clean_log_probs, generator)
     record(stats, attack_start_kl=start_kl)
-    return trades_loss(model, x, x_adv, y, beta, stats)
+    return trades_loss(model, x, x_adv, y, beta, stats, smoothing)

@@ -73,6 +73,8 @@ class FGSMPGI(TrainingMethod):
         self._check(self.pgi_weight >= 0, "pgi_weight", ">= 0")
         self._check(isinstance(self.reset, int) and self.reset >= 1, "reset", "an integer >= 1")
         self._check(0 <= self.smoothing < 1, "smoothing", "in [0, 1)")
+        self._check(self.label_smoothing == 0, "label_smoothing", "0: FGSM-PGI smooths its labels itself "
+                    "(--smoothing, the authors' 0.4 in the attack and the loss)")
 
     def floor_units(self) -> int:
         return 2 + 6  # one input-gradient step, two training forwards and their backward

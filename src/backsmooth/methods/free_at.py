@@ -49,7 +49,7 @@ class FreeAT(TrainingMethod):
         rows = delta[:len(x)].clone().requires_grad_(True)
         self.state["rows"] = rows  # after_backward reads its gradient
         logits = model((x + rows).clamp(0, 1))
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         record(stats, ce=loss, adv_accuracy=(logits.argmax(1) == y).float())
         return loss
 

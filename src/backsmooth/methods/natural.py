@@ -20,4 +20,4 @@ class Natural(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return ce_training_loss(model, x, y, stats)
+        return ce_training_loss(model, x, y, stats, self.label_smoothing)

@@ -35,7 +35,7 @@ class TRADES(TrainingMethod):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         return trades_step(model, x, y, gaussian_init(0.001), self.eps, self.alpha, self.steps, self.beta,
-                           generator, stats)
+                           generator, stats, self.label_smoothing)
 
 
 @register
@@ -58,4 +58,5 @@ class FastTRADES(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats)
+        return trades_step(model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats,
+                           self.label_smoothing)

@@ -8,6 +8,7 @@ from backsmooth.units import eps_text
 
 COLUMNS = ("run", "checkpoint", "method", "arch", "dataset", "eps", "epochs", "clean", "PGD-20", "CW", "AutoAttack",
            "worst case", "examples", "train time", "time/epoch", "vs TRADES-10", "source")
+COLLAPSED = " (collapsed)"  # after the run label of a run the collapse guard flagged
 GROUP_COLUMNS = ("runs", "checkpoint", "n", "seeds", "clean", "PGD-20", "CW", "AutoAttack", "worst case", "time/epoch",
                  "vs TRADES-10", "source")
 
@@ -44,8 +45,8 @@ def _row_cells(row: Row) -> list[str]:
     epochs = str(row.epochs) if row.epochs_done == row.epochs else f"{row.epochs_done}/{row.epochs}"
     examples = str(row.n_examples) + (" val" if row.source_kind == "validation" else "")
     ratio = row.relative_to_trades10
-    return [row.label, row.checkpoint + epoch, row.method, row.arch, row.dataset, eps_text(row.eps),
-            epochs, _percent(row.clean_acc), _percent(row.pgd20_acc),
+    return [row.label + (COLLAPSED if row.collapse else ""), row.checkpoint + epoch, row.method, row.arch, row.dataset,
+            eps_text(row.eps), epochs, _percent(row.clean_acc), _percent(row.pgd20_acc),
             _with_name(_percent(row.cw_acc), row.cw_attack, "cw20"),
             _with_name(_percent(row.autoattack_acc), row.autoattack_variant, ""),
             ("<= " if row.worst_case_bound and row.worst_case_acc is not None else "") + _percent(row.worst_case_acc),
@@ -59,7 +60,8 @@ def _mean_std(stat: MeanStd | None, scale: float = 100.0, digits: int = 2) -> st
 
 def _group_cells(group: SeedGroup) -> list[str]:
     time = group.seconds_per_epoch
-    return [group.label, group.checkpoint, str(group.n), ", ".join(map(str, group.seeds)),
+    n = str(group.n) + (f" ({group.collapsed} collapsed)" if group.collapsed else "")
+    return [group.label, group.checkpoint, n, ", ".join(map(str, group.seeds)),
             _mean_std(group.clean_acc), _mean_std(group.pgd20_acc),
             _with_name(_mean_std(group.cw_acc), group.cw_attack, "cw20"),
             _with_name(_mean_std(group.autoattack_acc), group.autoattack_variant, ""),
@@ -69,8 +71,9 @@ def _group_cells(group: SeedGroup) -> list[str]:
 
 
 def notes(rows: Sequence[Row]) -> list[str]:
-    """The lines under the table: data, models and example counts; how the columns were measured; then each
-    distinct data note that training wrote into a run's summary.json, after its dataset's name."""
+    """The lines under the table: data, models and example counts; how the columns were measured; what
+    "(collapsed)" means and where each flagged run collapsed (only when one did); then each distinct data note
+    that training wrote into a run's summary.json, after its dataset's name."""
     parts = []
     for dataset in dict.fromkeys(r.dataset for r in rows):
         mine = [r for r in rows if r.dataset == dataset]
@@ -91,6 +94,14 @@ def notes(rows: Sequence[Row]) -> list[str]:
         "the TRADES (10 steps) runs with the same architecture, dataset and batch size (n/a: none in this report), "
         "so it compares runs on the same hardware only.",
     ]
+    collapsed = dict.fromkeys(f"{r.label} at {r.collapse}" for r in rows if r.collapse)
+    if collapsed:
+        lines.append(
+            f"The mark '{COLLAPSED.strip()}' after a run label: the collapse guard saw catastrophic overfitting, its "
+            "PGD-5 accuracy on a fixed batch of validation images having fallen below a fraction (--collapse-fraction, "
+            "0.5 by default) of its best while the training accuracy on the method's own adversarial examples held. "
+            "A run it stopped (--on-collapse stop) has fewer epochs than planned and its best.pt is from before the "
+            f"collapse; with --on-collapse warn training went on. Collapsed: {'; '.join(collapsed)}.")
     data_notes = dict.fromkeys((r.dataset, r.data_note) for r in rows if r.data_note)
     return lines + [f"{dataset}: {note}" for dataset, note in data_notes]
 
@@ -102,6 +113,8 @@ def render_markdown(rows: Sequence[Row], groups: Sequence[SeedGroup]) -> str:
     if groups:
         lines += ["## Mean ± std over seeds", "", *_table(GROUP_COLUMNS, [_group_cells(g) for g in groups]), "",
                   "Runs that differ only by seed; std is the sample standard deviation (n - 1), in % points for "
-                  "accuracies; n/a where a run lacks the number (or measured it with another attack).", ""]
+                  "accuracies; n/a where a run lacks the number (or measured it with another attack)."
+                  + (" 'n (k collapsed)': k of the runs collapsed (see above)." if any(g.collapsed for g in groups)
+                     else ""), ""]
     lines += ["## Plots", ""] + [f"![{title}]({name})\n" for name, title in PLOTS.items()]
     return "\n".join(lines)

@@ -42,6 +42,36 @@ def _time_axis(max_seconds: float) -> tuple[float, str]:
     return (60.0, "minutes") if max_seconds > 120 else (1.0, "seconds")
 
 
+def _steps_per_epoch(run: RunData) -> int | None:
+    """Optimiser steps per epoch, from an epoch row's throughput and time (None when no row tells)."""
+    batch = run.settings["batch_size"]
+    for row in run.metrics:
+        rate, seconds = finite_or_none(row.get("images_per_second")), finite_or_none(row.get("train_seconds"))
+        if rate and seconds and batch > 0 and round(rate * seconds / batch) > 0:
+            return round(rate * seconds / batch)
+    return None
+
+
+def collapse_points(run: RunData) -> list[tuple[float, float, float]]:
+    """(epochs done, training seconds, guard PGD accuracy in %) of each collapse event of the run: placed within
+    the epoch it happened in by its step, on the curve's last value before it when the event has no accuracy."""
+    steps = _steps_per_epoch(run)
+    points = []
+    for event in (e for e in run.events if e["event"] == "collapse"):
+        before = [r for r in run.metrics if r["epoch"] < event["epoch"]]
+        step = finite_or_none(event.get("step"))
+        within = 1.0 if not steps or step is None else min(max(step / steps - (event["epoch"] - 1), 0.0), 1.0)
+        this = next((r for r in run.metrics if r["epoch"] == event["epoch"]), None)
+        seconds = float(this["train_seconds"]) if this else run.seconds_per_epoch
+        curve = [100 * v for r in before if (v := finite_or_none(r.get(run.val_key))) is not None]
+        robust = finite_or_none(event.get("guard_pgd_acc"))
+        y = 100 * robust if robust is not None else curve[-1] if curve else None
+        if y is not None:
+            start = float(before[-1]["total_train_seconds"]) if before else 0.0
+            points.append((event["epoch"] - 1 + within, start + within * seconds, y))
+    return points
+
+
 def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, bytes]:
     """Validation robust accuracy per epoch and against cumulative training time, one line per run (PNG bytes)."""
     steps = {r.settings.get("val_pgd_steps", 20) for r in runs}
@@ -52,7 +82,7 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                                 ("val_robust_by_time.png", "total_train_seconds", f"training time ({unit})")):
         figure = _figure()
         axes = figure.add_subplot()
-        drawn = 0
+        drawn = collapsed = 0
         for index, (run, label) in enumerate(zip(runs, labels)):
             points = [(float(r[x_key]) / (scale if x_key != "epoch" else 1.0), 100 * finite_or_none(r.get(run.val_key)))
                       for r in run.metrics if finite_or_none(r.get(run.val_key)) is not None]
@@ -60,7 +90,14 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                 suffix = f" (PGD-{run.settings.get('val_pgd_steps', 20)})" if "K" in ylabel else ""
                 axes.plot(*zip(*points), marker="o", markersize=3, label=label + suffix, **_style(index))
                 drawn += 1
-        if drawn:
+            for epoch, seconds, robust in collapse_points(run):  # an x in the run's colour, at the guard's accuracy
+                axes.plot([epoch if x_key == "epoch" else seconds / scale], [robust], marker="x", markersize=10,
+                          markeredgewidth=2.5, linestyle="none", color=_style(index)["color"], zorder=3)
+                collapsed += 1
+        if collapsed:  # one legend entry for every run's markers
+            axes.plot([], [], marker="x", markersize=8, markeredgewidth=2, linestyle="none", color="black",
+                      label="collapse (guard)")
+        if drawn or collapsed:
             axes.legend(fontsize="small")
         else:
             axes.text(0.5, 0.5, "no validation robust accuracy recorded", ha="center", transform=axes.transAxes)

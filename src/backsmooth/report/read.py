@@ -4,7 +4,7 @@ so that the rest of the report can rely on their shape."""
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,23 @@ class RunData:
 
     path: Path
     config: dict[str, Any]  # config.json as written; read `settings` for the flat view
-    metrics: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]  # the epoch rows of metrics.jsonl (never empty)
     summary: dict[str, Any] | None
     evals: dict[str, dict[str, Any]]  # eval-*.json file name -> contents
+    events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows with an "event" key, in order
+
+    @property
+    def collapse(self) -> dict[str, Any] | None:
+        """The collapse guard's event: summary.json's `collapse`, else the first collapse event of metrics.jsonl;
+        None when the guard saw none (or the run predates it). Its `action` ("stop" or "warn") comes from the
+        metrics.jsonl event of the same step (summary.json's lacks it), else from config.json's `on_collapse`."""
+        logged = [e for e in self.events if e["event"] == "collapse"]
+        event = (self.summary or {}).get("collapse") or (logged[0] if logged else None)
+        if event is None:
+            return None
+        same = next((e for e in logged if e.get("step") == event.get("step")), logged[0] if logged else {})
+        action = event.get("action") or same.get("action") or self.config.get("on_collapse")
+        return event | {"action": action}
 
     @cached_property
     def settings(self) -> dict[str, Any]:
@@ -96,10 +110,12 @@ def _require_optional(data: dict[str, Any], key: str, kind: type, source: str) -
         raise DataError(f"{source} has an invalid {key!r} (got {data[key]!r}, expected a {kind.__name__})")
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(epoch rows, event rows) of metrics.jsonl: a row with an "event" key (e.g. the collapse guard's) is an event,
+    not an epoch."""
     if not path.is_file():
         raise DataError(f"{path.parent} has no metrics.jsonl; is it a run directory of `backsmooth train`?")
-    rows = []
+    rows, events = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -109,12 +125,16 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} line {number} is not valid JSON") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is not a JSON object")
+        if "event" in row:
+            _require(row, {"event": str, "epoch": int}, f"{path} line {number} (an event)")
+            events.append(row)
+            continue
         _require(row, {"epoch": int, "train_seconds": (int, float), "total_train_seconds": (int, float)},
                  f"{path} line {number}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path} has no epochs yet; report a run after its first epoch")
-    return rows
+    return rows, events
 
 
 def read_run(path: str | Path) -> RunData:
@@ -126,12 +146,15 @@ def read_run(path: str | Path) -> RunData:
     config = _read_json(path / "config.json", "the run's configuration")
     _require(config, _CONFIG_TYPES, f"{path / 'config.json'}")
     _require_optional(config, "method_options", dict, f"{path / 'config.json'}")
-    metrics = _read_metrics(path / "metrics.jsonl")
+    metrics, events = _read_metrics(path / "metrics.jsonl")
     summary = None
     if (path / "summary.json").exists():
         summary = _read_json(path / "summary.json", "the final test summary")
         _require(summary, {"best": dict, "test_examples": int}, f"{path / 'summary.json'}")
         _require_optional(summary, "data_note", str, f"{path / 'summary.json'}")
+        _require_optional(summary, "collapse", dict, f"{path / 'summary.json'}")
+        if summary.get("collapse") is not None:
+            _require(summary["collapse"], {"epoch": int}, f"{path / 'summary.json'} collapse")
     evals = {}
     for file in sorted(path.glob("eval-*.json")):
         info = _read_json(file, "a `backsmooth eval` report")
@@ -141,4 +164,4 @@ def read_run(path: str | Path) -> RunData:
         _require(evaluation, {"clean_acc": (int, float), "per_attack": dict, "n_examples": int, "eps": (int, float)},
                  f"{file} evaluation")
         evals[file.name] = info
-    return RunData(path, config, metrics, summary, evals)
+    return RunData(path, config, metrics, summary, evals, events)

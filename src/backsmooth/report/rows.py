@@ -19,6 +19,8 @@ LABEL_KEYS_THEN = ("epochs", "batch_size", "lr", "schedule")
 # RobustBench's standard AutoAttack ensemble, in its order; a subset is named by its components
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 _CHECKPOINT_ORDER = {"best": 0, "last": 1}
+# the collapse guard's --on-collapse, as the collapse text says it
+ACTIONS = {"stop": "stopped", "warn": "went on"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Row:
     seconds_per_epoch: float
     relative_to_trades10: float | None
     data_note: str | None  # the run's summary.json note: in the report's notes, not in its rows
+    collapse: str | None = None  # where the collapse guard saw catastrophic overfitting (see `collapse_text`)
 
     def to_json(self) -> dict[str, Any]:
         """The row as report.json has always stored it (the data note goes to its notes instead)."""
@@ -96,6 +99,7 @@ class SeedGroup:
     worst_case_acc: MeanStd | None
     seconds_per_epoch: MeanStd | None
     relative_to_trades10: MeanStd | None
+    collapsed: int = 0  # how many of the runs the collapse guard flagged
 
     def to_json(self) -> dict[str, Any]:
         """The group as report.json stores it."""
@@ -150,6 +154,18 @@ def run_labels(configs: Sequence[dict[str, Any]], *, with_seed: bool = True) -> 
 def autoattack_components_text(components: Sequence[str]) -> str:
     """'APGD-CE + APGD-T' for ("apgd-ce", "apgd-t")."""
     return " + ".join("Square" if c == "square" else c.upper() for c in components)
+
+
+def collapse_text(event: dict[str, Any] | None) -> str | None:
+    """'epoch 3 (step 120): guard PGD-5 4.0% vs best 31.0%, stopped' for a collapse event; None for none."""
+    if event is None:
+        return None
+    text = f"epoch {event['epoch']}" + (f" (step {event['step']})" if event.get("step") is not None else "")
+    robust, best = finite_or_none(event.get("guard_pgd_acc")), finite_or_none(event.get("guard_best"))
+    if robust is not None:
+        text += f": guard PGD-5 {100 * robust:.1f}%" + (f" vs best {100 * best:.1f}%" if best is not None else "")
+    action = event.get("action") if isinstance(event.get("action"), str) else None
+    return text + (f", {ACTIONS.get(action, action)}" if action else "")
 
 
 def _pick_cw(per_attack: dict[str, float | None]) -> tuple[str | None, float | None]:
@@ -273,7 +289,7 @@ def build_rows(runs: Sequence[RunData]) -> list[Row]:
                 worst_case_bound=worst_bound, worst_case_attacks=worst_attacks, train_seconds=run.train_seconds,
                 seconds_per_epoch=run.seconds_per_epoch,
                 relative_to_trades10=run.seconds_per_epoch / reference if reference else None,
-                data_note=run.data_note))
+                data_note=run.data_note, collapse=collapse_text(run.collapse)))
     return rows
 
 
@@ -296,7 +312,8 @@ def _seed_group(members: Sequence[Row]) -> SeedGroup:
     first = members[0]
     return SeedGroup(label=first.group, checkpoint=first.checkpoint, eps=first.eps, n=len(members),
                      seeds=tuple(m.seed for m in members), run_dirs=tuple(m.run_dir for m in members),
-                     source_kinds=tuple(sorted({m.source_kind for m in members})), **statistics_and_names)
+                     source_kinds=tuple(sorted({m.source_kind for m in members})),
+                     collapsed=sum(m.collapse is not None for m in members), **statistics_and_names)
 
 
 def seed_groups(rows: Sequence[Row]) -> list[SeedGroup]:

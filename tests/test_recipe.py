@@ -1,0 +1,190 @@
+"""The modern recipe: weight averaging (closed form, BatchNorm statistics, exact resume), label smoothing,
+the one-cycle schedule, and the collapse guard (fires on a collapsing run, silent on a healthy one)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backsmooth import methods
+from backsmooth.averaging import WeightAverage, decay_at
+from backsmooth.config import from_mapping
+from backsmooth.guard import CollapseGuard, GuardState
+from backsmooth.schedules import learning_rate
+from backsmooth.train import train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+# --------------------------------------------------------------------------- weight averaging
+
+
+def test_average_equals_the_closed_form():
+    """avg_n = prod(d) avg_0 + sum_i (1 - d_i) prod_{j > i} d_j w_i, with the warm-up decays d_i."""
+    model = nn.Linear(3, 2)
+    average = WeightAverage(model, tau=0.9)
+    start = average.module.weight.clone()
+    history = []
+    for step in range(30):
+        with torch.no_grad():
+            model.weight.copy_(torch.full_like(model.weight, float(step + 1)))
+        history.append(model.weight.clone())
+        average.update(model)
+    decays = [decay_at(0.9, i) for i in range(30)]
+    expected = math.prod(decays) * start
+    for i, weights in enumerate(history):
+        expected = expected + (1 - decays[i]) * math.prod(decays[i + 1:]) * weights
+    torch.testing.assert_close(average.module.weight, expected)
+    assert decays[0] == pytest.approx(0.1) and decays[-1] == pytest.approx(30 / 39)  # warm-up: early steps weigh more
+    assert decay_at(0.9, 1000) == 0.9
+    assert all(not p.requires_grad for p in average.module.parameters())
+
+
+def test_batchnorm_statistics_are_averaged_like_the_weights():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    average = WeightAverage(model, tau=0.5)
+    before = average.module[1].running_mean.clone()
+    model.train()
+    model(torch.randn(8, 1, 4, 4) + 3)  # moves the raw running statistics
+    average.update(model)
+    decay = decay_at(0.5, 0)
+    torch.testing.assert_close(average.module[1].running_mean, decay * before + (1 - decay) * model[1].running_mean)
+    assert int(average.module[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 1  # copied
+
+
+def _train_command(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "backsmooth", "train", "--dataset", "synthetic", "--method", "fgsm_rs",
+            "--epochs", "2", "--batch-size", "32", "--val-pgd-steps", "1", "--final-eval-examples", "50",
+            "--weight-averaging", "0.99", "--label-smoothing", "0.2", "--schedule", "onecycle",
+            "--checkpoint-every", "3", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
+
+
+def test_resume_with_averaging_is_bitwise(tmp_path):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cache = tmp_path / "cache"
+    reference = subprocess.run(_train_command(tmp_path / "reference", cache), env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen(_train_command(out, cache), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.prev.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(_train_command(out, cache, "--resume"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("last.pt", "checkpoint.pt"):  # the average (last.pt) and the raw weights (checkpoint.pt)
+        a = torch.load(tmp_path / "reference" / name, weights_only=True)["model"]
+        b = torch.load(out / name, weights_only=True)["model"]
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    raw = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    averaged = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # last.pt holds the average, not the raw weights
+
+
+# --------------------------------------------------------------------------- label smoothing and one-cycle
+
+
+def test_label_smoothing_changes_the_ce_term_by_its_formula():
+    """(1 - s) CE + s * mean over classes of -log p, on the CE term only (TRADES' KL is untouched)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.rand(6, 3, 2, 2), torch.randint(0, 4, (6,))
+    plain = methods.build("natural")(model, x, y)
+    smoothed = methods.build("natural", label_smoothing=0.3)(model, x, y)
+    log_probs = F.log_softmax(model(x), dim=1)
+    expected = 0.7 * F.nll_loss(log_probs, y) + 0.3 * (-log_probs.mean(1)).mean()
+    assert smoothed.item() == pytest.approx(expected.item(), rel=1e-6) and smoothed.item() != plain.item()
+    stats_plain, stats_smooth = {}, {}
+    methods.build("trades", steps=1)(model, x, y, torch.Generator().manual_seed(1), stats_plain)
+    methods.build("trades", steps=1, label_smoothing=0.3)(model, x, y, torch.Generator().manual_seed(1), stats_smooth)
+    assert stats_smooth["kl"].item() == pytest.approx(stats_plain["kl"].item(), rel=1e-6)
+    assert stats_smooth["ce"].item() != pytest.approx(stats_plain["ce"].item(), rel=1e-3)
+
+
+def test_onecycle_values():
+    """Cosine rise from lr/25 to lr until step 0.3 T - 1, then cosine to lr/25/1e4 at step T - 1 (PyTorch's)."""
+    total, lr = 1000, 0.1
+    assert learning_rate("onecycle", lr, 0, total) == pytest.approx(lr / 25)
+    assert learning_rate("onecycle", lr, 299, total) == pytest.approx(lr)
+    assert learning_rate("onecycle", lr, 999, total) == pytest.approx(lr / 25 / 1e4)
+    middle = 299 + (999 - 299) / 2
+    assert learning_rate("onecycle", lr, int(middle), total) == pytest.approx(
+        lr / 25 / 1e4 + (lr - lr / 25 / 1e4) * 0.5 * (1 + math.cos(math.pi * (int(middle) - 299) / 700)))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, cycle_momentum=False)
+    for step in range(total):
+        assert learning_rate("onecycle", lr, step, total) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        if step < total - 1:
+            scheduler.step()
+
+
+# --------------------------------------------------------------------------- the collapse guard
+
+
+class Scripted(nn.Module):
+    """Predicts class 0 whatever the input (no attack can change it): its accuracy is the share of 0 labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(x), 2) + 0 * self.scale * x.flatten(1).sum(1, keepdim=True)
+        out[:, 0] = 1.0  # class 0 everywhere; labels decide which examples count as correct
+        return out
+
+
+def test_guard_rule_on_scripted_accuracies():
+    """Fires only after the first epoch, when guard accuracy is below the fraction of its best at two checks in
+    a row AND training accuracy on the method's examples rose by RISE over its value at the best."""
+    labels = torch.zeros(100, dtype=torch.long)
+    images = torch.rand(100, 1, 2, 2)
+    model = Scripted()
+    guard = CollapseGuard(images, labels, 0.1, every=1, threshold=0.5, state=GuardState(), start_step=2)
+    assert not guard.due(1) and not guard.due(2) and guard.due(3)  # nothing in the first epoch (2 steps)
+    trace = []
+    # (share of examples correct under the attack, training accuracy on the method's own examples)
+    for correct, train_acc in ((0.4, 0.5), (0.45, 0.55), (0.3, 0.7), (0.1, 0.4), (0.1, 0.58), (0.1, 0.7), (0.1, 0.7)):
+        labels[:] = 1
+        labels[:int(correct * 100)] = 0
+        guard.observe({"adv_accuracy": torch.tensor(train_acc)})
+        trace.append(guard.check(model, step=len(trace) + 3, epoch=1))
+    # 0.3 > 0.45 / 2; then 0.1 with training accuracy falling (0.4), then risen by only 3 points (0.58):
+    # neither counts; 0.7 counts once, and the second check in a row fires
+    assert trace[:6] == [None] * 6
+    event = trace[6]
+    assert event["guard_pgd_acc"] == 0.1 and event["guard_best"] == 0.45
+    assert event["train_adv_acc"] == pytest.approx(0.7)
+    assert not guard.due(20)  # it fires once
+
+
+def test_guard_on_a_real_run_records_nothing_when_healthy(tmp_path):
+    """Backward Smoothing on the digits with the guard every 5 steps: no event, and the guard's checks do
+    not change training (the same weights as a run without the guard)."""
+    pytest.importorskip("sklearn")
+    base = dict(dataset="digits", arch="small_cnn", method="backward_smoothing", eps=0.1, batch_size=64, lr=0.05,
+                schedule="cosine", epochs=3, val_size=180, val_pgd_steps=0, final_eval_examples=0)
+    guarded = train(from_mapping(dict(base, collapse_every=5, out=str(tmp_path / "guarded"))), progress=False)
+    plain = train(from_mapping(dict(base, out=str(tmp_path / "plain"))), progress=False)
+    assert guarded["collapse"] is None and plain["collapse"] is None
+    rows = [json.loads(line) for line in (tmp_path / "guarded" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("event" not in r for r in rows)
+    a = torch.load(tmp_path / "guarded" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
