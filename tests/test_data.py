@@ -226,6 +226,7 @@ def test_cifar_from_official_archive_and_folder(tmp_path, name):
     archive, arrays = fake_cifar_archive(tmp_path / "archive", name)
     data = load_dataset(name, archive.parent, val_size=100, cache_dir=tmp_path / "cache")
     assert_cifar(data, name, arrays)
+    assert "JPEG" not in data.note  # the genuine archive carries no lossy-copy note into runs and reports
     assert len(data.val) == 100 and torch.bincount(data.val.labels).min() >= 1
     assert data.mean == {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}[name]
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1

@@ -2,6 +2,7 @@
 AutoAttack, the pointwise worst case, self-checks for gradient masking, and resumable state
 (docs/evaluation.md)."""
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +32,14 @@ EPS0_EXAMPLES = 256  # examples attacked at eps = 0
 
 
 class EvalResult(dict):
-    """The JSON-ready summary of `evaluate`; `per_example` holds the bool flags behind every number."""
+    """The JSON-ready summary of `evaluate` (a dict, so `result["clean_acc"]` keeps working); `per_example`
+    holds the bool flags behind every number, which `to_json` leaves out."""
 
     per_example: dict[str, Tensor]
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain dict of JSON values: what `backsmooth eval` writes under "evaluation"."""
+        return json.loads(json.dumps(dict(self)))
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
@@ -174,7 +180,7 @@ def model_info(result: EvalResult, name: str, architecture: str, dataset: str,
     if "autoattack" in result["per_attack"]:
         info["autoattack_acc"] = f"{100 * result['per_attack']['autoattack']:.2f}"
     info.update(extra or {})
-    info["evaluation"] = dict(result)
+    info["evaluation"] = result.to_json()
     return info
 
 
