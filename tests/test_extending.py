@@ -25,18 +25,18 @@ QUICK = ["--epochs", "1", "--batch-size", "32", "--val-pgd-steps", "1", "--final
 
 @dataclasses.dataclass(frozen=True)
 class NoisyCE(methods.TrainingMethod):
-    """Cross-entropy on x plus uniform noise of radius `noise` x eps: a one-forward toy method."""
+    """Cross-entropy on x plus uniform noise of radius `jitter` x eps: a one-forward toy method."""
 
     name = "noisy_ce"
     summary = "cross-entropy on uniformly perturbed inputs (test method)"
     eps: float = 8 / 255
-    noise: float = methods.hyperparameter(1.0, "noise radius as a multiple of eps")
+    jitter: float = methods.hyperparameter(1.0, "jitter radius as a multiple of eps")
 
     def floor_units(self) -> int:
         return 3
 
     def __call__(self, model, x, y, generator=None, stats=None):
-        x_noisy = uniform_init(model, x, y, self.noise * self.eps, generator)
+        x_noisy = uniform_init(model, x, y, self.jitter * self.eps, generator)
         return nn.functional.cross_entropy(model(x_noisy), y)
 
 
@@ -90,10 +90,10 @@ def registered():
 def test_registered_extensions_train_bench_and_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
     assert "noisy_ce" in methods.names() and "stripes" in data.dataset_names() and "tiny_mlp" in models.names()
-    assert cli.main(["train", "--dataset", "stripes", "--arch", "tiny_mlp", "--method", "noisy_ce", "--noise", "0.5",
+    assert cli.main(["train", "--dataset", "stripes", "--arch", "tiny_mlp", "--method", "noisy_ce", "--jitter", "0.5",
                      "--out", str(out), *QUICK]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == "noisy_ce" and config["method_options"] == {"noise": 0.5}
+    assert config["method"] == "noisy_ce" and config["method_options"] == {"jitter": 0.5}
     assert json.loads((out / "summary.json").read_text())["data_note"] == "four stripe classes, generated for a test"
 
     assert cli.main(["eval", str(out), "--attacks", "big3,pgd3", "--n-examples", "40", "--no-progress"]) == 0
@@ -111,11 +111,11 @@ def test_registered_extensions_train_bench_and_evaluate(tmp_path, capsys):
 
 
 def test_registered_options_get_flags_and_checks(capsys):
-    assert cli.main(["train", "--method", "natural", "--noise", "0.5", "--dataset", "stripes"]) == 2
-    assert "--noise does not apply to method natural" in capsys.readouterr().err
+    assert cli.main(["train", "--method", "natural", "--jitter", "0.5", "--dataset", "stripes"]) == 2
+    assert "--jitter does not apply to method natural" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert "noise radius as a multiple of eps (noisy_ce)" in capsys.readouterr().out
+    assert "jitter radius as a multiple of eps (noisy_ce)" in " ".join(capsys.readouterr().out.split())
 
 
 # --------------------------------------------------------------------------- MODULE:NAME from the command line
