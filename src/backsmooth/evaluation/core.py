@@ -180,7 +180,7 @@ def model_info(result: EvalResult, name: str, architecture: str, dataset: str,
     if "autoattack" in result["per_attack"]:
         info["autoattack_acc"] = f"{100 * result['per_attack']['autoattack']:.2f}"
     info.update(extra or {})
-    info["evaluation"] = result.to_json()
+    info["evaluation"] = EvalResult(result).to_json()  # a plain dict of the same keys works too
     return info
 
 
