@@ -33,6 +33,7 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.epoch_images < 0:
         raise ConfigError("--warmup and --epoch-images must be >= 0")
+    _check_sizes(args)
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
     result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
                            args.num_classes, parse_number(args.eps, "--eps"), args.device, args.precision,
@@ -42,3 +43,18 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, result)
     return 0
+
+
+MAX_GIB = 16  # one input tensor larger than this is a typo, not a benchmark (found by the fuzz test)
+
+
+def _check_sizes(args: argparse.Namespace) -> None:
+    """Refuse sizes whose tensors alone would exhaust memory, before allocating anything."""
+    image = args.channels * args.image_size ** 2
+    for what, size in (("the batch (--batch-size x --channels x --image-size^2 floats)", args.batch_size * image * 4),
+                      ("the data-pipeline epoch (--epoch-images x --channels x --image-size^2 bytes)",
+                       args.epoch_images * image),
+                      ("the classifier (--num-classes outputs)", args.num_classes * 4 * 1024)):
+        if size > MAX_GIB * 2**30:
+            raise ConfigError(f"{what} would need {size / 2**30:.3g} GiB, more than {MAX_GIB} GiB; lower the sizes")
+
