@@ -45,16 +45,20 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-MAX_GIB = 16  # one input tensor larger than this is a typo, not a benchmark (found by the fuzz test)
+LIMITS = {"channels": 1024, "image_size": 4096, "num_classes": 1_000_000}  # beyond these: a typo, not a benchmark
+MAX_BATCH_GIB, MAX_EPOCH_GIB = 4, 8  # found by the fuzz test: larger values were killed out of memory
 
 
 def _check_sizes(args: argparse.Namespace) -> None:
     """Refuse sizes whose tensors alone would exhaust memory, before allocating anything."""
+    for flag, limit in LIMITS.items():
+        if getattr(args, flag) > limit:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is above {limit}; lower it")
     image = args.channels * args.image_size ** 2
-    for what, size in (("the batch (--batch-size x --channels x --image-size^2 floats)", args.batch_size * image * 4),
-                      ("the data-pipeline epoch (--epoch-images x --channels x --image-size^2 bytes)",
-                       args.epoch_images * image),
-                      ("the classifier (--num-classes outputs)", args.num_classes * 4 * 1024)):
-        if size > MAX_GIB * 2**30:
-            raise ConfigError(f"{what} would need {size / 2**30:.3g} GiB, more than {MAX_GIB} GiB; lower the sizes")
-
+    for what, size, limit in (
+            ("the batch (--batch-size x --channels x --image-size^2 floats)", args.batch_size * image * 4,
+             MAX_BATCH_GIB),
+            ("the data-pipeline epoch (--epoch-images x --channels x --image-size^2 bytes)", args.epoch_images * image,
+             MAX_EPOCH_GIB)):
+        if size > limit * 2**30:
+            raise ConfigError(f"{what} would need {size / 2**30:.3g} GiB, more than {limit} GiB; lower the sizes")
