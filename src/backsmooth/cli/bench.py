@@ -45,7 +45,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-LIMITS = {"channels": 1024, "image_size": 4096, "num_classes": 1_000_000}  # beyond these: a typo, not a benchmark
+LIMITS = {"channels": 1024, "image_size": 512, "num_classes": 1_000_000}  # beyond these: a typo, not a benchmark
+MAX_BATCH_PIXELS = 2**23  # batch x height x width (128 x 256^2): the activations, not the input, fill memory
 MAX_BATCH_GIB, MAX_EPOCH_GIB = 4, 8  # found by the fuzz test: larger values were killed out of memory
 
 
@@ -54,6 +55,9 @@ def _check_sizes(args: argparse.Namespace) -> None:
     for flag, limit in LIMITS.items():
         if getattr(args, flag) > limit:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is above {limit}; lower it")
+    if args.batch_size * args.image_size ** 2 > MAX_BATCH_PIXELS:
+        raise ConfigError(f"--batch-size x --image-size^2 = {args.batch_size * args.image_size ** 2} pixels is above "
+                          f"{MAX_BATCH_PIXELS} (e.g. 128 x 256^2); the activations would not fit, lower them")
     image = args.channels * args.image_size ** 2
     for what, size, limit in (
             ("the batch (--batch-size x --channels x --image-size^2 floats)", args.batch_size * image * 4,
