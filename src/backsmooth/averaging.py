@@ -19,6 +19,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from backsmooth.distributed import group_size
+
 
 def decay_at(tau: float, updates: int) -> float:
     """The decay of update number `updates` (0-based): the warm-up, then tau."""
@@ -51,12 +53,12 @@ class WeightAverage:
     @torch.no_grad()
     def synchronise(self) -> None:
         """Average the averaged buffers over processes (parameters agree already): one average everywhere."""
-        if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        if group_size() == 1:
             return
         for buffer in self.module.buffers():
             if buffer.is_floating_point():
                 torch_dist.all_reduce(buffer)
-                buffer /= torch_dist.get_world_size()
+                buffer /= group_size()
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -44,6 +44,12 @@ def setup(device_name: str) -> tuple[ProcessInfo, torch.device]:
     return info, device
 
 
+def group_size() -> int:
+    """Processes in the running process group (1 without one): for code that has no ProcessInfo at hand
+    (methods sharing state, the weight average)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: ProcessInfo) -> torch.Tensor:
     """Sum over processes (in place); the identity in a single process."""
     if info.distributed:

@@ -44,8 +44,6 @@ class BackwardSmoothing(TrainingMethod):
     gamma: float = hyperparameter(1.0, "output-noise scale of the backward-smoothing start (> 0)")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check_steps()
         self._check(self.beta >= 0, "beta", ">= 0")

@@ -132,7 +132,10 @@ class TrainingMethod:
         if not ok:
             raise ConfigError(f"{self.name}: {field} must be {requirement}, got {getattr(self, field)!r}")
 
-    def _check_eps_alpha(self) -> None:
+    def _check_eps_alpha(self, default_multiple: float = 1.0) -> None:
+        """Resolve an unset `alpha` to default_multiple x eps (so --eps alone gives the authors' step), then check."""
+        if self.alpha is None:
+            self._set("alpha", default_multiple * self.eps)
         self._check(0 < self.eps <= 1, "eps", "in (0, 1] (pixel units: 8/255 = 0.0314)")
         self._check(self.alpha > 0, "alpha", "> 0")
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.attacks import pgd, project
+from backsmooth.distributed import group_size
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record
 from backsmooth.methods.registry import register
 
@@ -55,8 +56,6 @@ class ELLE(TrainingMethod):
     elle_weight: float = hyperparameter(1000.0, "ELLE: weight lam of the linearity error (ELLE-A: its maximum)")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.elle_weight >= 0, "elle_weight", ">= 0")
 
@@ -111,10 +110,10 @@ class ELLEA(ELLE):
 
     def observe(self, error: Tensor) -> None:
         """The authors' rule, applied after the step, so the new weight counts from the next one."""
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        if group_size() > 1:
             error = error.clone()
             torch_dist.all_reduce(error)
-            error /= torch_dist.get_world_size()
+            error /= group_size()
         value = float(error)
         count, mean, m2 = int(self.state["count"]), float(self.state["mean"]), float(self.state["m2"])
         jump = count > 2 and value > mean + self.sensitivity * (m2 / count) ** 0.5

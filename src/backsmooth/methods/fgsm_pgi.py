@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.attacks import attack_mode, project
+from backsmooth.distributed import group_size
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record
 from backsmooth.methods.registry import register
 
@@ -35,17 +36,13 @@ def soft_cross_entropy(logits: Tensor, y: Tensor, smoothing: float, reduction: s
     return losses.mean() if reduction == "mean" else losses
 
 
-def _distributed() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
-
-
 def _gather_rows(*tensors: Tensor) -> list[Tensor]:
     """Every process's rows of each tensor, concatenated in rank order (the global batch)."""
-    if not _distributed():
+    if group_size() == 1:
         return list(tensors)
     gathered = []
     for tensor in tensors:
-        parts = [torch.empty_like(tensor) for _ in range(torch_dist.get_world_size())]
+        parts = [torch.empty_like(tensor) for _ in range(group_size())]
         torch_dist.all_gather(parts, tensor.contiguous())
         gathered.append(torch.cat(parts))
     return gathered
@@ -66,8 +63,6 @@ class FGSMPGI(TrainingMethod):
     smoothing: float = hyperparameter(0.4, "FGSM-PGI: probability the authors' soft labels move off the class")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.momentum_decay >= 0, "momentum_decay", ">= 0")
         self._check(self.pgi_weight >= 0, "pgi_weight", ">= 0")
@@ -113,7 +108,7 @@ class FGSMPGI(TrainingMethod):
             x_in = x_start.clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(soft_cross_entropy(net(x_in), y, self.smoothing), x_in)
         l1 = grad.abs().sum()
-        if _distributed():
+        if group_size() > 1:
             torch_dist.all_reduce(l1)  # the norm of the global batch's gradient, as one process computes it
         momentum = grad / l1 + self.momentum_decay * self.state["momentum"][index]
         next_delta = project(x + delta + self.alpha * momentum.sign(), x, self.eps) - x

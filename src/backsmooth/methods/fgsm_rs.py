@@ -21,9 +21,7 @@ class FGSMRS(TrainingMethod):
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", 1.25 * self.eps)
-        self._check_eps_alpha()
+        self._check_eps_alpha(default_multiple=1.25)
 
     def floor_units(self) -> int:
         return 2 + 3  # one input-gradient step, one training forward and backward

@@ -37,8 +37,6 @@ class GradAlign(TrainingMethod):
     random_start: bool = hyperparameter(False, "GradAlign: FGSM from a random start (FGSM-RS) instead of x")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.grad_align_lambda >= 0, "grad_align_lambda", ">= 0")
 

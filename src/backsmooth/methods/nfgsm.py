@@ -26,8 +26,6 @@ class NFGSM(TrainingMethod):
     noise: float = hyperparameter(2.0, "N-FGSM: noise radius as a multiple of eps (the authors' k)")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.noise >= 0, "noise", ">= 0")
 

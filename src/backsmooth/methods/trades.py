@@ -48,8 +48,6 @@ class FastTRADES(TrainingMethod):
     beta: float = hyperparameter(6.0, "weight of the KL term")
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self._set("alpha", self.eps)
         self._check_eps_alpha()
         self._check(self.beta >= 0, "beta", ">= 0")
 
