@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from backsmooth.cli import bench, evaluate, presets, report, train
+from backsmooth.cli import bench, evaluate, presets, report, study, train
 from backsmooth.errors import EXIT_USAGE, BacksmoothError, one_line
 
 COMMANDS = {
@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": (evaluate, "evaluate a trained model (run directory or model file)"),
     "bench": (bench, "time every method's training step on one model and batch"),
     "report": (report, "summary table and plots from run directories"),
+    "study": (study, "a resumable grid of methods x seeds under one protocol, evaluated and reported"),
     "presets": (presets, "list the named presets"),
 }
 

@@ -126,6 +126,24 @@ def plot_clean_vs_robust(rows: Sequence[Row]) -> bytes:
     return _png(figure)
 
 
+def plot_tradeoff(labels: Sequence[str], seconds: Sequence[float], accuracies: Sequence[float],
+                  errors: Sequence[float], ylabel: str) -> bytes:
+    """One labelled point per entry: accuracy (with its std over seeds as an error bar) against training time per
+    epoch on a log axis, the cost-robustness trade-off of a study (PNG bytes)."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    for index, (label, x, y, error) in enumerate(zip(labels, seconds, accuracies, errors)):
+        axes.errorbar([x], [y], yerr=[error], fmt="o", color=_style(index)["color"], capsize=3)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+    if seconds:
+        axes.set_xscale("log")
+    axes.margins(0.2)
+    axes.set(xlabel="training time per epoch (seconds, log scale)", ylabel=ylabel,
+             title="Robustness against training cost")
+    axes.grid(alpha=0.3, which="both")
+    return _png(figure)
+
+
 def render_plots(runs: Sequence[RunData], rows: Sequence[Row]) -> dict[str, bytes]:
     """Every plot of PLOTS as PNG bytes, drawn before anything is written (a missing matplotlib writes nothing)."""
     labels = {row.run_dir: row.label for row in rows}

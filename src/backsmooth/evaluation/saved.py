@@ -1,0 +1,104 @@
+"""The evaluation protocol on a saved model: load a run directory's checkpoint (or a model file), take the
+stratified test subset, run the attacks resumably and write eval-NAME.json beside it. `backsmooth eval`
+and `backsmooth study` both call `evaluate_saved`."""
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from backsmooth.accuracy import stratified_subset
+from backsmooth.atomic import atomic_write_json
+from backsmooth.attacks import parse_attacks
+from backsmooth.checkpoint import load_model
+from backsmooth.data import load_dataset
+from backsmooth.errors import ConfigError, DataError
+from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
+from backsmooth.runtime import resolve_device
+
+
+def check_name(name: str) -> str:
+    """`name` if it can be part of a file name (eval-NAME.json), else a one-line error."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"--name {name!r} must be a plain file-name part (no slashes), e.g. --name bs-last")
+    return name
+
+
+def evaluate_saved(target: str | Path, attacks: str | Sequence[str], *, n_examples: int = 1000,
+                   batch_size: int = 256, device: str = "auto", seed: int = 0, name: str | None = None,
+                   out: str | Path | None = None, eps: float | None = None, step_size: float | None = None,
+                   dataset: str | None = None, data_dir: str | None = None, restart: bool = False,
+                   progress: bool | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
+    """Evaluate `target` (a run directory or model file) on `n_examples` stratified test examples and write
+    eval-NAME.json into `out` (default: the run directory); returns (that path, the result).
+
+    Per-example flags go to eval-NAME.state.pt after every batch, so a killed evaluation resumes where it
+    stopped when called again (`restart` discards them). Bad arguments fail before any attack runs.
+    """
+    specs = parse_attacks(attacks)
+    if n_examples <= 0:
+        raise ConfigError(f"--n-examples must be positive, got {n_examples}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be positive, got {batch_size}")
+    if step_size is not None and not 0 < step_size <= 1:
+        raise ConfigError(f"--step-size must be in (0, 1] in pixel units (e.g. 2/255), got {step_size}")
+    if eps is not None and not 0 <= eps <= 1:
+        raise ConfigError(f"--eps must be in [0, 1] in pixel units (e.g. 8/255), got {eps}")
+    if name is not None:
+        check_name(name)
+    model, meta = load_model(target, resolve_device(device))
+    target = Path(target)
+    run_dir = target if target.is_dir() else target.parent
+    run_config_path = Path(meta["path"]).parent / "config.json"
+    run_config = json.loads(run_config_path.read_text()) if run_config_path.exists() else {}
+    dataset = dataset or meta.get("dataset")
+    if dataset is None:
+        raise DataError(f"{meta['path']} does not name its dataset; pass --dataset")
+    eps = eps if eps is not None else float(meta["eps"])
+    test = load_dataset(dataset, data_dir or run_config.get("data_dir"), val_size=0,
+                        cache_dir=run_config.get("cache_dir")).test
+    _check_fits(test.images, test.labels, meta, dataset)
+    index = stratified_subset(test.labels, n_examples, seed)
+    name = name or (target.name if target.is_dir() else target.stem)
+    folder = Path(out) if out else run_dir
+    state_path = folder / f"eval-{name}.state.pt"
+    _check_writable(folder)
+    log(f"{meta['path']}: {meta['arch']}" + (f" trained with {meta['method']}" if "method" in meta else "")
+        + f"; {len(index)} of {len(test.labels)} {dataset} test examples (stratified, seed {seed}); "
+          f"eps {eps_text(eps)} = {eps:.4f}")
+    result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], batch_size,
+                      seed=seed, step_size=step_size, state_path=state_path, restart=restart, progress=progress)
+    if result["batches"]["resumed"]:
+        log(f"resumed {state_path.name}: {result['batches']['resumed']} of {result['batches']['total']} batches "
+            f"were already done")
+    log(result_table(result))
+    report_path = folder / f"eval-{name}.json"
+    extra = dict(checkpoint=dict(path=meta["path"], method=meta.get("method"), epoch=meta.get("epoch")),
+                 subset=dict(n_examples=len(index), test_size=len(test.labels), seed=seed, stratified=True))
+    atomic_write_json(report_path, model_info(result, name, meta["arch"], dataset, extra))
+    state_path.unlink(missing_ok=True)
+    return report_path, result
+
+
+def _check_fits(images: Tensor, labels: Tensor, meta: dict[str, Any], dataset: str) -> None:
+    """The dataset must have the image shape and classes the model was trained for."""
+    shape = tuple(meta.get("image_shape") or ())
+    if shape and tuple(images.shape[1:]) != shape:
+        raise DataError(f"{dataset} images have shape {tuple(images.shape[1:])} but the model was trained on {shape}")
+    if len(labels) and int(labels.max()) >= int(meta["num_classes"]):
+        raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has "
+                        f"{meta['num_classes']} classes")
+
+
+def _check_writable(folder: Path) -> None:
+    """`folder` can be created (or exists) and written to: checked before hours of attacks, not after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write eval-NAME.json under {folder}: {existing} is not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write eval-NAME.json under {folder}: {existing} is not writable; pass another --out")

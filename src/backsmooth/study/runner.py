@@ -1,0 +1,223 @@
+"""Running a study: every planned (entry, seed) is an ordinary run directory under OUT/runs/. A run with
+summary.json is finished and skipped, one with config.json is resumed from its checkpoint, any other is
+started; then its checkpoints are evaluated (resumably) into eval-last.json / eval-best.json, and the report
+goes to OUT/report/. Killed at any moment, the same command carries on where it stopped.
+
+Under torchrun every process walks the same plan and trains each run together (rank 0 decides what is left
+and writes); the evaluations and the report then run on rank 0 alone.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from backsmooth import distributed as dist
+from backsmooth.atomic import atomic_write_text
+from backsmooth.errors import ConfigError, TrainingDiverged, one_line
+from backsmooth.evaluation.saved import evaluate_saved
+from backsmooth.report import format_duration, read_run
+from backsmooth.run_dir import RunDirectory
+from backsmooth.study import estimate
+from backsmooth.study.report import write_study_report
+from backsmooth.study.spec import PlannedRun, Study
+from backsmooth.train import Trainer
+
+Log = Callable[[str], None]
+
+
+def run_path(run: PlannedRun) -> Path:
+    return Path(run.config.out or "")
+
+
+def is_trained(run: PlannedRun) -> bool:
+    return (run_path(run) / "summary.json").is_file()
+
+
+def eval_path(run: PlannedRun, checkpoint: str) -> Path:
+    return run_path(run) / f"eval-{checkpoint}.json"
+
+
+def check_existing(study: Study) -> None:
+    """Refuse (one line, before anything runs) a study folder whose runs or evaluations were made with other
+    settings than the spec now asks for: a changed spec needs another --out."""
+    if study.out.exists() and not study.out.is_dir():
+        raise ConfigError(f"--out {study.out} is a file, not a folder; choose another --out")
+    for run in study.runs:
+        try:
+            RunDirectory(run_path(run)).check(run.config, resume=True, overwrite=False)
+        except ConfigError as error:
+            raise ConfigError(f"{run_path(run)} belongs to another version of the study ({error}); "
+                              f"restore the spec or pass another --out") from None
+        for checkpoint in study.evaluation.checkpoints:
+            path = eval_path(run, checkpoint)
+            if not path.is_file():
+                continue
+            try:
+                settings = json.loads(path.read_text())["evaluation"]["settings"]
+                n_examples = json.loads(path.read_text())["subset"]["n_examples"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path} is not an evaluation file of `backsmooth eval`; move it away") from None
+            wanted = (list(run.attacks), study.evaluation.n_examples, study.evaluation.seed)
+            if (settings.get("attacks"), n_examples, settings.get("seed")) != wanted:
+                raise ConfigError(f"{path} was evaluated with other attacks, example count or seed than the spec "
+                                  f"asks ({', '.join(run.attacks)} on {study.evaluation.n_examples}); "
+                                  f"restore the spec or pass another --out")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Estimated cost of every run (F per example) and how far the study is."""
+
+    study: Study
+    units: dict[str, tuple[float, float]]  # run name -> (training F, evaluation F)
+    facts: dict[str, estimate.DataFacts]
+
+    @classmethod
+    def of(cls, study: Study) -> "Plan":
+        facts: dict[str, estimate.DataFacts] = {}
+        cache: dict[tuple[Any, ...], estimate.DataFacts] = {}
+        for run in study.runs:
+            c = run.config
+            key = (c.dataset, c.data_dir, c.val_size, c.cache_dir)
+            if key not in cache:
+                cache[key] = estimate.data_facts(c)
+            facts[run.name] = cache[key]
+        return cls(study, {r.name: estimate.run_units(r, study, facts[r.name]) for r in study.runs}, facts)
+
+    def evaluations_left(self, run: PlannedRun) -> list[str]:
+        return [c for c in self.study.evaluation.checkpoints if not eval_path(run, c).is_file()]
+
+    def measured_rates(self) -> dict[str, float]:
+        """Seconds per F per example, by architecture, from the runs trained so far."""
+        rates: dict[str, list[float]] = {}
+        for run in self.study.runs:
+            if not (run_path(run) / "metrics.jsonl").is_file() or not is_trained(run):
+                continue
+            data = read_run(run_path(run))
+            rate = estimate.measured_rate(data.train_seconds, run.config, self.facts[run.name],
+                                          int(data.metrics[-1]["epoch"]))
+            if rate is not None:
+                rates.setdefault(run.config.arch, []).append(rate)
+        return {arch: sum(values) / len(values) for arch, values in rates.items()}
+
+    def seconds_left(self, rates: dict[str, float]) -> float | None:
+        """Estimated seconds of training and evaluation still to do; None without a rate for some run."""
+        total = 0.0
+        for run in self.study.runs:
+            train, evaluation = self.units[run.name]
+            left = (0.0 if is_trained(run) else train) + evaluation * len(self.evaluations_left(run)) / len(
+                self.study.evaluation.checkpoints)
+            if left and run.config.arch not in rates:
+                return None
+            total += left * rates.get(run.config.arch, 0.0)
+        return total
+
+    def progress_line(self, now: str, rates: dict[str, float]) -> str:
+        runs = self.study.runs
+        checkpoints = len(self.study.evaluation.checkpoints)
+        evaluated = sum(checkpoints - len(self.evaluations_left(r)) for r in runs)
+        left = self.seconds_left(rates)
+        eta = "time left known after the first run" if left is None else f"about {format_duration(left)} left"
+        return (f"[study {self.study.title}] {sum(map(is_trained, runs))}/{len(runs)} runs trained, "
+                f"{evaluated}/{len(runs) * checkpoints} evaluations done; now {now}; {eta}")
+
+
+def dry_run(study: Study, log: Log) -> None:
+    """Print the plan with an estimated time for each run from a short bench of its method here; write nothing."""
+    plan = Plan.of(study)
+    rates: dict[tuple[Any, ...], float] = {}
+    log(f"study {study.title}: {len(study.runs)} runs in {study.out} (estimates from a few eager training steps "
+        f"of each method on this machine; AutoAttack assumed to reach {estimate.AUTOATTACK_REACH:.0%} of examples)")
+    log(f"{'run':<28} {'method':<20} {'epochs':>6} {'F/step':>6} {'train':>10} {'evaluate':>10}  status")
+    total = 0.0
+    for run in study.runs:
+        c = run.config
+        key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
+               c.channels_last, plan.facts[run.name].image_shape)
+        if key not in rates:
+            rates[key] = estimate.bench_rate(c, plan.facts[run.name])
+        train, evaluation = plan.units[run.name]
+        status = ("trained" if is_trained(run) else "resume" if (run_path(run) / "config.json").is_file()
+                  else "new") + f", {len(study.evaluation.checkpoints) - len(plan.evaluations_left(run))} evaluated"
+        seconds = (0.0 if is_trained(run) else train * rates[key]) + evaluation * rates[key] * len(
+            plan.evaluations_left(run)) / len(study.evaluation.checkpoints)
+        total += seconds
+        log(f"{run.name:<28} {c.method:<20} {c.epochs:>6} {estimate.step_units(c):>6} "
+            f"{format_duration(train * rates[key]):>10} {format_duration(evaluation * rates[key]):>10}  {status}")
+    log(f"left to do: about {format_duration(total)}")
+
+
+def _write_spec(study: Study) -> None:
+    """OUT/spec.toml is the spec of the latest invocation; an earlier, different one is kept as spec-N.toml."""
+    path = study.out / "spec.toml"
+    if path.is_file() and path.read_text(encoding="utf-8") != study.spec_text:
+        number = 1
+        while (study.out / f"spec-{number}.toml").exists():
+            number += 1
+        path.replace(study.out / f"spec-{number}.toml")
+    atomic_write_text(path, study.spec_text)
+
+
+def _train(run: PlannedRun, progress: bool | None) -> bool:
+    """Train (or resume) one run; False when its loss diverged (the study goes on without it)."""
+    resume = (run_path(run) / "config.json").is_file()
+    trainer = Trainer(dataclasses.replace(run.config), resume=resume, progress=progress)
+    try:
+        trainer.run()
+    except TrainingDiverged:
+        return False
+    finally:
+        trainer.run_dir.release()
+    return True
+
+
+def execute(study: Study, command: str, *, progress: bool | None = False, log: Log = print) -> dict[str, Any]:
+    """Run what is left of the study and write its report; returns {"diverged": [...], "report": path or None}."""
+    check_existing(study)
+    proc, _ = dist.setup(study.runs[0].config.device)
+    lock = RunDirectory(study.out)
+    plan = Plan.of(study)
+    if proc.is_main:
+        study.out.mkdir(parents=True, exist_ok=True)
+        lock.lock()
+        _write_spec(study)
+    diverged: list[str] = []
+    for run in study.runs:
+        trained = dist.broadcast_object(is_trained(run), proc)
+        if not trained:
+            if proc.is_main:
+                log(plan.progress_line(f"training {run.name}", plan.measured_rates()))
+            started = time.time()
+            if not _train(run, progress):
+                diverged.append(run.name)
+                log(one_line(f"warning: {run.name} diverged (non-finite loss) after {time.time() - started:.0f} s; "
+                             f"the study goes on without it (see {run_path(run)})"))
+                continue
+        if proc.is_main and not proc.distributed:
+            _evaluate(run, study, plan, progress, log)
+    dist.shutdown(proc)
+    if not proc.is_main:
+        return {"diverged": diverged, "report": None}
+    for run in study.runs:
+        if run.name not in diverged:
+            _evaluate(run, study, plan, progress, log)
+    finished = [r for r in study.runs if is_trained(r)]
+    log(plan.progress_line("writing the report", plan.measured_rates()))
+    report = write_study_report(study, finished, command) if finished else None
+    lock.release()
+    return {"diverged": diverged, "report": report}
+
+
+def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, log: Log) -> None:
+    """Evaluate the run's planned checkpoints that have no eval file yet."""
+    if not is_trained(run):
+        return
+    for checkpoint in plan.evaluations_left(run):
+        log(plan.progress_line(f"evaluating {run.name} {checkpoint}.pt", plan.measured_rates()))
+        evaluation = study.evaluation
+        evaluate_saved(run_path(run) / f"{checkpoint}.pt", run.attacks, n_examples=evaluation.n_examples,
+                       batch_size=evaluation.batch_size, device=run.config.device, seed=evaluation.seed,
+                       name=checkpoint, progress=progress, log=lambda _line: None)

@@ -1,0 +1,215 @@
+"""A study spec: one protocol, one evaluation and a list of entries (a method, its overrides, its seeds),
+read from TOML and checked whole before anything runs.
+
+    title = "smoke"                    # optional
+    seeds = [0, 1]                     # default seeds of every entry
+    [protocol]                         # RunConfig keys every run shares (see `backsmooth train --help`)
+    preset = "cpu-digits-{method}"     # optional: each entry starts from this preset for its method
+    dataset = "digits"
+    epochs = 1
+    [evaluation]
+    attacks = ["pgd10"]                # `backsmooth eval` attack names
+    n_examples = 100                   # stratified test examples
+    checkpoints = ["last", "best"]     # which models of each run
+    [[entries]]
+    method = "backward_smoothing"      # name = "bs" to tell two entries of one method apart
+    [[entries]]
+    method = "fgsm_rs"
+    alpha = "10/255"                   # any RunConfig key or method option overrides the protocol
+
+Values are layered preset < protocol < entry. Epochs count passes over the data: when they come from the
+protocol, a method that replays each batch m times (Free-AT) trains ceil(epochs / m) epochs, as its presets do.
+"""
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from backsmooth import config as cfg
+from backsmooth import methods
+from backsmooth.attacks import parse_attacks
+from backsmooth.errors import ConfigError
+from backsmooth.presets import preset
+
+TOP_KEYS = ("title", "seeds", "protocol", "evaluation", "entries")
+EVALUATION_KEYS = ("attacks", "n_examples", "checkpoints", "batch_size", "seed")
+ENTRY_KEYS = ("method", "name", "seeds", "attacks")  # besides RunConfig keys and method options
+SET_BY_STUDY = ("method", "seed", "out")  # every run's own: not protocol keys
+CHECKPOINTS = ("last", "best")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `backsmooth eval` runs on each planned checkpoint."""
+
+    attacks: tuple[str, ...]
+    n_examples: int
+    checkpoints: tuple[str, ...] = CHECKPOINTS
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One (entry, seed): an ordinary run directory under the study's runs/ folder."""
+
+    entry: str
+    seed: int
+    config: cfg.RunConfig
+    attacks: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry}-seed{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A checked spec: its runs in the order they train (entries in spec order, then seeds)."""
+
+    title: str
+    spec_path: Path
+    spec_text: str
+    out: Path
+    evaluation: Evaluation
+    runs: tuple[PlannedRun, ...]
+
+    def entries(self) -> list[str]:
+        return list(dict.fromkeys(run.entry for run in self.runs))
+
+
+def _fail(spec: Path, message: str) -> ConfigError:
+    return ConfigError(f"{spec}: {message}")
+
+
+def _seeds(value: Any, spec: Path, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                       for s in value):
+        raise _fail(spec, f"{where} seeds must be a non-empty list of integers >= 0, e.g. seeds = [0, 1, 2], "
+                          f"got {value!r}")
+    if len(set(value)) != len(value):
+        raise _fail(spec, f"{where} seeds list a seed twice: {value!r}")
+    return tuple(value)
+
+
+def _attacks(value: Any, spec: Path, where: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise _fail(spec, f"{where} attacks must be a list of attack names, e.g. attacks = [\"pgd20\", \"cw20\"]")
+    try:
+        return tuple(s.name for s in parse_attacks(value))
+    except ConfigError as error:
+        raise _fail(spec, f"{where}: {error}") from None
+
+
+def _table(data: dict[str, Any], key: str, spec: Path) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise _fail(spec, f"[{key}] must be a table of key = value lines")
+    return value
+
+
+def _evaluation(data: dict[str, Any], spec: Path) -> Evaluation:
+    table = _table(data, "evaluation", spec)
+    unknown = sorted(set(table) - set(EVALUATION_KEYS))
+    if unknown:
+        raise _fail(spec, f"unknown [evaluation] key {unknown[0]!r}; valid keys: {', '.join(EVALUATION_KEYS)}")
+    if "attacks" not in table or "n_examples" not in table:
+        raise _fail(spec, "[evaluation] needs attacks (e.g. [\"pgd20\", \"cw20\"]) and n_examples (e.g. 1000)")
+    for key in ("n_examples", "batch_size"):
+        value = table.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise _fail(spec, f"[evaluation] {key} must be a positive integer, got {value!r}")
+    seed = table.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _fail(spec, f"[evaluation] seed must be an integer >= 0, got {seed!r}")
+    checkpoints = table.get("checkpoints", list(CHECKPOINTS))
+    if (not isinstance(checkpoints, list) or not checkpoints or any(c not in CHECKPOINTS for c in checkpoints)
+            or len(set(checkpoints)) != len(checkpoints)):
+        raise _fail(spec, f"[evaluation] checkpoints must list some of {', '.join(CHECKPOINTS)} once each, "
+                          f"got {checkpoints!r}")
+    return Evaluation(_attacks(table["attacks"], spec, "[evaluation]"), table["n_examples"], tuple(checkpoints),
+                      table.get("batch_size", 256), seed)
+
+
+def _run_config(values: dict[str, Any], protocol: dict[str, Any], overrides: dict[str, Any], method: str,
+                seed: int, out: Path, spec: Path, where: str) -> cfg.RunConfig:
+    """The run's config: preset < protocol < entry, then the study's own method, seed and folder."""
+    try:
+        merged = dict(values)
+        merged.update(protocol)
+        merged.update(overrides)
+        merged.update(method=method, seed=seed, out=str(out))
+        config = cfg.validate(cfg.from_mapping(merged, source="study"))
+        if "epochs" in protocol and "epochs" not in overrides:
+            replays = methods.build(config.method, **config.method_hyperparameters()).replays
+            config = dataclasses.replace(config, epochs=math.ceil(protocol["epochs"] / replays))
+        return config
+    except ConfigError as error:
+        raise _fail(spec, f"{where}: {error}") from None
+
+
+def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
+    """Read and check the spec at `spec_path`; every run goes under `out` (default runs/study/<spec name>)."""
+    spec = Path(spec_path)
+    if not spec.is_file():
+        raise ConfigError(f"study spec {spec} not found")
+    try:
+        text = spec.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read study spec {spec} ({error}); save it as UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as error:
+        raise _fail(spec, f"not valid TOML ({error})") from None
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise _fail(spec, f"unknown key {unknown[0]!r}; valid top-level keys: {', '.join(TOP_KEYS)}")
+    title = data.get("title", spec.stem)
+    if not isinstance(title, str):
+        raise _fail(spec, f"title must be a string, got {title!r}")
+    default_seeds = _seeds(data.get("seeds", [0]), spec, "top-level")
+    protocol = dict(_table(data, "protocol", spec))
+    fixed = sorted(set(protocol) & set(SET_BY_STUDY))
+    if fixed:
+        raise _fail(spec, f"[protocol] cannot set {fixed[0]!r}: the study sets it for each run (method and seeds "
+                          f"go in [[entries]], the folder is --out)")
+    template = protocol.pop("preset", None)
+    if template is not None and (not isinstance(template, str) or "{method}" not in template):
+        raise _fail(spec, f"[protocol] preset must be a name with {{method}} in it, e.g. \"cpu-cifar10-{{method}}\", "
+                          f"got {template!r}")
+    evaluation = _evaluation(data, spec)
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise _fail(spec, "list at least one [[entries]] table with a method, e.g. [[entries]] method = \"trades\"")
+    folder = Path(out) if out is not None else Path("runs") / "study" / spec.stem
+    runs: list[PlannedRun] = []
+    names: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"entry {number}"
+        method = entry.get("method")
+        if not isinstance(method, str):
+            raise _fail(spec, f"{where} needs method = \"NAME\" (one of: {', '.join(methods.names())})")
+        name = entry.get("name", method.replace(":", "."))
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise _fail(spec, f"{where}: name {name!r} must be letters, digits and _.+- (it names run folders)")
+        if name in names:
+            raise _fail(spec, f"{where}: two entries are named {name!r}; give one a name = \"...\"")
+        names.add(name)
+        overrides = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        fixed = sorted(set(overrides) & set(SET_BY_STUDY))
+        if fixed:
+            raise _fail(spec, f"{where} cannot set {fixed[0]!r} (the study sets it; use seeds = [...])")
+        attacks = _attacks(entry["attacks"], spec, where) if "attacks" in entry else evaluation.attacks
+        try:
+            values = preset(template.format(method=method)) if template else {}
+        except ConfigError as error:
+            raise _fail(spec, f"{where}: {error}") from None
+        for seed in _seeds(entry.get("seeds", list(default_seeds)), spec, where):
+            run_out = folder / "runs" / f"{name}-seed{seed}"
+            config = _run_config(values, protocol, overrides, method, seed, run_out, spec, where)
+            runs.append(PlannedRun(name, seed, config, attacks))
+    return Study(title, spec, text, folder, evaluation, tuple(runs))
