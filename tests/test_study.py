@@ -179,7 +179,8 @@ def test_malformed_spec_is_one_line_exit_2_and_writes_nothing(case, tmp_path, ca
 def test_spec_layers_preset_protocol_and_entry(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC.replace('method = "fgsm_rs"', 'method = "fgsm_rs"\nalpha = "0.2"\nseeds = [3]')
-                    + '[[entries]]\nmethod = "free_at"\n[[entries]]\nmethod = "natural"\nname = "nat"\nepochs = 3\n')
+                    + '[[entries]]\nmethod = "free_at"\n[[entries]]\nmethod = "natural"\nname = "nat"\nepochs = 3\n'
+                    + 'checkpoints = ["last"]\nattacks = ["pgd20", "cw20"]\n')
     plan = load_study(spec, tmp_path / "out")
     fgsm, free, natural = plan.runs
     assert fgsm.name == "fgsm_rs-seed3" and fgsm.config.method_options["alpha"] == pytest.approx(0.2)
@@ -187,6 +188,14 @@ def test_spec_layers_preset_protocol_and_entry(tmp_path):
     assert free.config.epochs == 1  # ceil(1 / m)
     assert natural.name == "nat-seed0" and natural.config.epochs == 3  # the entry's own epochs are kept
     assert Path(natural.config.out) == tmp_path / "out" / "runs" / "nat-seed0"
+    assert (natural.checkpoints, natural.attacks) == (("last",), ("pgd20", "cw20"))
+    assert (fgsm.checkpoints, fgsm.attacks) == (("last", "best"), ("pgd10",))  # the [evaluation] defaults
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in SMOKE.parent.glob("*.toml")))
+def test_every_shipped_spec_is_valid(spec):
+    plan = load_study(SMOKE.parent / spec)
+    assert plan.runs and len({r.name for r in plan.runs}) == len(plan.runs)
 
 
 def test_free_at_epochs_count_passes_over_the_data(tmp_path):

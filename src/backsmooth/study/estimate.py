@@ -66,7 +66,7 @@ def eval_units(attacks: Iterable[str], n_examples: int, checkpoints: int) -> flo
 def run_units(run: PlannedRun, study: Study, facts: DataFacts) -> tuple[float, float]:
     """(training F, evaluation F) of one planned run."""
     return (train_units(run.config, facts),
-            eval_units(run.attacks, study.evaluation.n_examples, len(study.evaluation.checkpoints)))
+            eval_units(run.attacks, study.evaluation.n_examples, len(run.checkpoints)))
 
 
 def bench_rate(config: RunConfig, facts: DataFacts) -> float:

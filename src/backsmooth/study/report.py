@@ -66,7 +66,7 @@ def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) ->
                     and (r.config.arch, r.config.dataset, r.config.batch_size)
                     == (first.config.arch, first.config.dataset, first.config.batch_size)]
             ratios[label] = mine / statistics.fmean(refs) if refs else None
-        for checkpoint in study.evaluation.checkpoints:
+        for checkpoint in (c for c in study.checkpoints() if c in first.checkpoints):
             found = [next((row for row in by_dir.get(str(r.config.out), []) if row.checkpoint == checkpoint
                            and row.source_kind == "eval"), None) for r in members]
             chosen = [row for row in found if row is not None]
@@ -99,7 +99,7 @@ def render(study: Study, table: Sequence[EntryRow], command: str) -> str:
              f"smoothing {c.label_smoothing:g}, {c.precision} on {c.device} (entries may override). Evaluation: "
              f"{', '.join(study.evaluation.attacks)} on {study.evaluation.n_examples} stratified test examples "
              f"(seed {study.evaluation.seed}).", ""]
-    for checkpoint in study.evaluation.checkpoints:
+    for checkpoint in study.checkpoints():
         lines += [f"## {checkpoint}.pt", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in (r for r in table if r.checkpoint == checkpoint):
             n = len(row.seeds)
@@ -128,7 +128,7 @@ def write_study_report(study: Study, runs: Sequence[PlannedRun], command: str) -
     build_report(paths, out)
     rows = build_rows([read_run(p) for p in paths])
     table = entry_rows(study, runs, rows)
-    last = study.evaluation.checkpoints[0]
+    last = "last" if "last" in study.checkpoints() else study.checkpoints()[0]
     points = [(row.entry, row.seconds_per_epoch[0], row.worst_case) for row in table
               if row.checkpoint == last and row.worst_case is not None]
     atomic_write_bytes(out / "tradeoff.png", plot_tradeoff(

@@ -9,6 +9,7 @@ and writes); the evaluations and the report then run on rank 0 alone.
 
 import dataclasses
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,7 @@ def check_existing(study: Study) -> None:
         except ConfigError as error:
             raise ConfigError(f"{run_path(run)} belongs to another version of the study ({error}); "
                               f"restore the spec or pass another --out") from None
-        for checkpoint in study.evaluation.checkpoints:
+        for checkpoint in run.checkpoints:
             path = eval_path(run, checkpoint)
             if not path.is_file():
                 continue
@@ -88,7 +89,7 @@ class Plan:
         return cls(study, {r.name: estimate.run_units(r, study, facts[r.name]) for r in study.runs}, facts)
 
     def evaluations_left(self, run: PlannedRun) -> list[str]:
-        return [c for c in self.study.evaluation.checkpoints if not eval_path(run, c).is_file()]
+        return [c for c in run.checkpoints if not eval_path(run, c).is_file()]
 
     def measured_rates(self) -> dict[str, float]:
         """Seconds per F per example, by architecture, from the runs trained so far."""
@@ -109,7 +110,7 @@ class Plan:
         for run in self.study.runs:
             train, evaluation = self.units[run.name]
             left = (0.0 if is_trained(run) else train) + evaluation * len(self.evaluations_left(run)) / len(
-                self.study.evaluation.checkpoints)
+                run.checkpoints)
             if left and run.config.arch not in rates:
                 return None
             total += left * rates.get(run.config.arch, 0.0)
@@ -117,12 +118,12 @@ class Plan:
 
     def progress_line(self, now: str, rates: dict[str, float]) -> str:
         runs = self.study.runs
-        checkpoints = len(self.study.evaluation.checkpoints)
-        evaluated = sum(checkpoints - len(self.evaluations_left(r)) for r in runs)
+        planned = sum(len(r.checkpoints) for r in runs)
+        evaluated = planned - sum(len(self.evaluations_left(r)) for r in runs)
         left = self.seconds_left(rates)
         eta = "time left known after the first run" if left is None else f"about {format_duration(left)} left"
         return (f"[study {self.study.title}] {sum(map(is_trained, runs))}/{len(runs)} runs trained, "
-                f"{evaluated}/{len(runs) * checkpoints} evaluations done; now {now}; {eta}")
+                f"{evaluated}/{planned} evaluations done; now {now}; {eta}")
 
 
 def dry_run(study: Study, log: Log) -> None:
@@ -132,21 +133,30 @@ def dry_run(study: Study, log: Log) -> None:
     log(f"study {study.title}: {len(study.runs)} runs in {study.out} (estimates from a few eager training steps "
         f"of each method on this machine; AutoAttack assumed to reach {estimate.AUTOATTACK_REACH:.0%} of examples)")
     log(f"{'run':<28} {'method':<20} {'epochs':>6} {'F/step':>6} {'train':>10} {'evaluate':>10}  status")
-    total = 0.0
     for run in study.runs:
         c = run.config
         key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
                c.channels_last, plan.facts[run.name].image_shape)
         if key not in rates:
             rates[key] = estimate.bench_rate(c, plan.facts[run.name])
+    # an attack step costs about what a training step of the same F does: one rate per architecture, the median
+    by_arch: dict[str, list[float]] = {}
+    for key, rate in rates.items():
+        by_arch.setdefault(key[0], []).append(rate)
+    eval_rate = {arch: statistics.median(values) for arch, values in by_arch.items()}
+    total = 0.0
+    for run in study.runs:
+        c = run.config
+        key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
+               c.channels_last, plan.facts[run.name].image_shape)
         train, evaluation = plan.units[run.name]
+        share = len(plan.evaluations_left(run)) / len(run.checkpoints)
         status = ("trained" if is_trained(run) else "resume" if (run_path(run) / "config.json").is_file()
-                  else "new") + f", {len(study.evaluation.checkpoints) - len(plan.evaluations_left(run))} evaluated"
-        seconds = (0.0 if is_trained(run) else train * rates[key]) + evaluation * rates[key] * len(
-            plan.evaluations_left(run)) / len(study.evaluation.checkpoints)
-        total += seconds
+                  else "new") + f", {len(run.checkpoints) - len(plan.evaluations_left(run))} evaluated"
+        total += (0.0 if is_trained(run) else train * rates[key]) + evaluation * eval_rate[c.arch] * share
         log(f"{run.name:<28} {c.method:<20} {c.epochs:>6} {estimate.step_units(c):>6} "
-            f"{format_duration(train * rates[key]):>10} {format_duration(evaluation * rates[key]):>10}  {status}")
+            f"{format_duration(train * rates[key]):>10} {format_duration(evaluation * eval_rate[c.arch]):>10}  "
+            f"{status}")
     log(f"left to do: about {format_duration(total)}")
 
 

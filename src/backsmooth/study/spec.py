@@ -16,6 +16,7 @@ read from TOML and checked whole before anything runs.
     [[entries]]
     method = "fgsm_rs"
     alpha = "10/255"                   # any RunConfig key or method option overrides the protocol
+    attacks = ["pgd20", "autoattack"]  # an entry may also evaluate other attacks or checkpoints
 
 Values are layered preset < protocol < entry. Epochs count passes over the data: when they come from the
 protocol, a method that replays each batch m times (Free-AT) trains ceil(epochs / m) epochs, as its presets do.
@@ -37,7 +38,7 @@ from backsmooth.presets import preset
 
 TOP_KEYS = ("title", "seeds", "protocol", "evaluation", "entries")
 EVALUATION_KEYS = ("attacks", "n_examples", "checkpoints", "batch_size", "seed")
-ENTRY_KEYS = ("method", "name", "seeds", "attacks")  # besides RunConfig keys and method options
+ENTRY_KEYS = ("method", "name", "seeds", "attacks", "checkpoints")  # besides RunConfig keys and method options
 SET_BY_STUDY = ("method", "seed", "out")  # every run's own: not protocol keys
 CHECKPOINTS = ("last", "best")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -62,6 +63,7 @@ class PlannedRun:
     seed: int
     config: cfg.RunConfig
     attacks: tuple[str, ...]
+    checkpoints: tuple[str, ...]
 
     @property
     def name(self) -> str:
@@ -81,6 +83,11 @@ class Study:
 
     def entries(self) -> list[str]:
         return list(dict.fromkeys(run.entry for run in self.runs))
+
+    def checkpoints(self) -> list[str]:
+        """Every checkpoint some run evaluates, in the evaluation's order."""
+        return list(dict.fromkeys(c for c in (*self.evaluation.checkpoints, *CHECKPOINTS)
+                                  if any(c in r.checkpoints for r in self.runs)))
 
 
 def _fail(spec: Path, message: str) -> ConfigError:
@@ -127,13 +134,16 @@ def _evaluation(data: dict[str, Any], spec: Path) -> Evaluation:
     seed = table.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise _fail(spec, f"[evaluation] seed must be an integer >= 0, got {seed!r}")
-    checkpoints = table.get("checkpoints", list(CHECKPOINTS))
-    if (not isinstance(checkpoints, list) or not checkpoints or any(c not in CHECKPOINTS for c in checkpoints)
-            or len(set(checkpoints)) != len(checkpoints)):
-        raise _fail(spec, f"[evaluation] checkpoints must list some of {', '.join(CHECKPOINTS)} once each, "
-                          f"got {checkpoints!r}")
-    return Evaluation(_attacks(table["attacks"], spec, "[evaluation]"), table["n_examples"], tuple(checkpoints),
+    return Evaluation(_attacks(table["attacks"], spec, "[evaluation]"), table["n_examples"],
+                      _checkpoints(table.get("checkpoints", list(CHECKPOINTS)), spec, "[evaluation]"),
                       table.get("batch_size", 256), seed)
+
+
+def _checkpoints(value: Any, spec: Path, where: str) -> tuple[str, ...]:
+    if (not isinstance(value, list) or not value or any(c not in CHECKPOINTS for c in value)
+            or len(set(value)) != len(value)):
+        raise _fail(spec, f"{where} checkpoints must list some of {', '.join(CHECKPOINTS)} once each, got {value!r}")
+    return tuple(value)
 
 
 def _run_config(values: dict[str, Any], protocol: dict[str, Any], overrides: dict[str, Any], method: str,
@@ -204,6 +214,8 @@ def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
         if fixed:
             raise _fail(spec, f"{where} cannot set {fixed[0]!r} (the study sets it; use seeds = [...])")
         attacks = _attacks(entry["attacks"], spec, where) if "attacks" in entry else evaluation.attacks
+        checkpoints = (_checkpoints(entry["checkpoints"], spec, where) if "checkpoints" in entry
+                       else evaluation.checkpoints)
         try:
             values = preset(template.format(method=method)) if template else {}
         except ConfigError as error:
@@ -211,5 +223,5 @@ def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
         for seed in _seeds(entry.get("seeds", list(default_seeds)), spec, where):
             run_out = folder / "runs" / f"{name}-seed{seed}"
             config = _run_config(values, protocol, overrides, method, seed, run_out, spec, where)
-            runs.append(PlannedRun(name, seed, config, attacks))
+            runs.append(PlannedRun(name, seed, config, attacks, checkpoints))
     return Study(title, spec, text, folder, evaluation, tuple(runs))
