@@ -188,3 +188,93 @@ def test_guard_on_a_real_run_records_nothing_when_healthy(tmp_path):
     a = torch.load(tmp_path / "guarded" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+ROLLBACK_RUN = dict(dataset="digits", arch="small_cnn", method="fgsm_rs", eps=0.1, batch_size=64, lr=0.05,
+                    schedule="cosine", epochs=2, val_size=180, val_pgd_steps=0, final_eval_examples=0,
+                    collapse_every=2, on_collapse="rollback")
+
+
+def scripted_check(best_step: int, collapse_steps: tuple[int, ...], interrupt_step: int | None = None,
+                   seen: dict | None = None):
+    """A guard check decided by the step alone: a new best at `best_step` (its weights go to seen["best"]),
+    a collapse at each of `collapse_steps`, and a SIGINT to this process at `interrupt_step`."""
+    def check(self, model, step, epoch):
+        self.flush()
+        self.improved = step == best_step
+        if self.improved:
+            self.state.best = 0.5
+            if seen is not None:
+                seen["best"] = {k: v.clone() for k, v in model.state_dict().items()}
+        if step == interrupt_step:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler turns it into a checkpoint and a stop
+        if step in collapse_steps:
+            self.state.collapse = {"event": "collapse", "epoch": epoch + 1, "step": step, "guard_pgd_acc": 0.1,
+                                   "guard_best": 0.5, "train_adv_acc": 0.9}
+            return self.state.collapse
+        return None
+    return check
+
+
+def test_rollback_restores_the_best_check_and_lowers_alpha(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    import backsmooth.train as trainer_module
+    seen: dict = {}
+    monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, (14,), seen=seen))
+    original_restore = trainer_module.restore
+
+    def recording_restore(good, net, *args):
+        original_restore(good, net, *args)
+        seen["restored"] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    monkeypatch.setattr(trainer_module, "restore", recording_restore)
+    summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)
+    assert all(torch.equal(seen["best"][k], seen["restored"][k]) for k in seen["best"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if "event" in r]
+    alpha = methods.build("fgsm_rs", eps=0.1).alpha
+    assert len(events) == 1 and events[0]["action"] == "rollback"
+    assert events[0]["alpha"] == pytest.approx(alpha * 0.5)
+    assert [r["epoch"] for r in rows if "event" not in r] == [1, 2]  # training went on to the end
+    assert summary["rollbacks"] == 1 and summary["collapse"]["step"] == 14
+    guard = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["train_state"]["guard"]
+    assert guard["alpha"] == pytest.approx(alpha * 0.5) and guard["collapse"] is None
+
+
+def test_rollback_stops_after_its_limit(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from backsmooth.guard import MAX_ROLLBACKS
+    collapses = tuple(range(14, 14 + 4 * (MAX_ROLLBACKS + 1), 4))
+    monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, collapses))
+    summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    actions = [r["action"] for r in rows if "event" in r]
+    assert actions == ["rollback"] * MAX_ROLLBACKS + ["stop"]
+    assert summary["rollbacks"] == MAX_ROLLBACKS
+    alphas = [r["alpha"] for r in rows if r.get("action") == "rollback"]
+    assert alphas == pytest.approx([methods.build("fgsm_rs", eps=0.1).alpha * 0.5 ** k
+                                    for k in range(1, MAX_ROLLBACKS + 1)])
+
+
+def test_resume_between_the_best_check_and_the_rollback_is_bitwise(tmp_path, monkeypatch):
+    """Killed after the best check and resumed, the run rolls back to the checkpointed copy: the same weights."""
+    pytest.importorskip("sklearn")
+    from backsmooth.errors import Interrupted
+    monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, (14,)))
+    train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "reference"))), progress=False)
+    monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, (14,), interrupt_step=10))
+    with pytest.raises(Interrupted):
+        train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "resumed"))), progress=False)
+    monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, (14,)))
+    summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "resumed"))), resume=True, progress=False)
+    assert summary["rollbacks"] == 1
+    a = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollback_needs_a_method_with_a_step_size():
+    from backsmooth.config import validate
+    from backsmooth.errors import ConfigError
+    with pytest.raises(ConfigError, match="does not take"):
+        validate(from_mapping(dict(ROLLBACK_RUN, method="natural")))

@@ -1,11 +1,14 @@
-"""Building a run from its config: the data splits, the model (compiled and DDP-wrapped as asked) and
-the training loader. Separate functions so the trainer reads top-down and tools can reuse them."""
+"""Building a run from its config: the data splits, the model (compiled and DDP-wrapped as asked), the
+training loader, and the sharded accuracy its validation uses. Separate functions so the trainer reads
+top-down and tools can reuse them."""
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from backsmooth import distributed as dist
 from backsmooth import models
+from backsmooth.accuracy import correct_under_attack
+from backsmooth.attacks import pgd
 from backsmooth.config import RunConfig
 from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
 from backsmooth.errors import ConfigError
@@ -51,3 +54,24 @@ def build_loader(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo,
         raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
                           f"({len(data.train)} examples); lower --batch-size")
     return loader
+
+
+def sharded_accuracy(model: nn.Module, images: Tensor, labels: Tensor, eps: float, pgd_steps: int,
+                     proc: dist.ProcessInfo, device: torch.device, *, batch_size: int, precision: str,
+                     seed: int) -> tuple[float, float]:
+    """Clean and PGD-`pgd_steps` accuracy (step 2/255, random start, seeded by `seed` and rank) of `model`,
+    each rank attacking its shard of the images; NaN for an empty set (robust: also when pgd_steps is 0)."""
+    shard = slice(proc.rank, None, proc.world_size)
+    images, labels = images[shard], labels[shard]
+    clean = correct_under_attack(model, images, labels, batch_size=batch_size, precision=precision)
+    robust = clean
+    if pgd_steps:
+        generator = torch.Generator(device).manual_seed(seed + proc.rank)
+        attack = pgd(eps, 2 / 255, pgd_steps, random_start=True)
+        robust = clean & correct_under_attack(model, images, labels, attack, generator=generator,
+                                              batch_size=batch_size, precision=precision)
+    counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64, device=device)
+    n_clean, n_robust, n = dist.all_reduce_sum(counts, proc).tolist()
+    if n == 0:
+        return float("nan"), float("nan")
+    return n_clean / n, (n_robust / n if pgd_steps else float("nan"))

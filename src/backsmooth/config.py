@@ -62,7 +62,9 @@ class RunConfig:
     collapse_every: int = _field(0, "steps between collapse-guard checks (0: off, the default; -1: a 20th of "
                                     "an epoch); see docs/recipe.md")
     collapse_fraction: float = _field(0.5, "collapse: guard PGD accuracy below this fraction of its best")
-    on_collapse: str = _field("stop", "warn, or stop keeping the last good best.pt (default)")
+    on_collapse: str = _field("stop", "stop keeping the last good best.pt (default), warn, or rollback: restore "
+                                      "the state of the guard's best check and lower alpha by --rollback-factor")
+    rollback_factor: float = _field(0.5, "--on-collapse rollback: factor on the method's attack step size alpha")
     schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: "
                                     f"{', '.join(schedules.SCHEDULES)}")
     # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
@@ -195,7 +197,12 @@ def validate(config: RunConfig) -> RunConfig:
            f"weight_averaging must be 0 (off) or a decay in (0, 1) such as 0.9995, got {c.weight_averaging}")
     _check(c.collapse_every >= -1, f"collapse_every must be >= 0, or -1 for 5% of an epoch, got {c.collapse_every}")
     _check(0 < c.collapse_fraction < 1, f"collapse_fraction must be in (0, 1), got {c.collapse_fraction}")
-    _check(c.on_collapse in ("warn", "stop"), f"on_collapse must be warn or stop, got {c.on_collapse!r}")
+    _check(c.on_collapse in ("warn", "stop", "rollback"),
+           f"on_collapse must be stop, warn or rollback, got {c.on_collapse!r}")
+    _check(0 < c.rollback_factor < 1, f"rollback_factor must be in (0, 1), got {c.rollback_factor}")
+    _check(c.on_collapse != "rollback" or cls.has_step_size(),
+           f"--on-collapse rollback lowers the attack step size alpha, which {c.method} does not take; "
+           f"use --on-collapse stop or warn")
     _check(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     schedules.check(c.schedule)

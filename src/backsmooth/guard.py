@@ -2,14 +2,20 @@
 
 Single-step methods can collapse: within an epoch, PGD accuracy falls to near zero while accuracy
 on the method's own (single-step) adversarial examples keeps rising. Every `every` optimiser steps after
-the first epoch (early training is too noisy to judge) the guard measures PGD-5 (step eps/4, random
+the first quarter epoch (the first steps are too noisy to judge; on MNIST a collapse can come within the
+first epoch) the guard measures PGD-5 (step eps/4, random
 start, fixed seed) accuracy of the training model on one fixed batch of held-out validation images. A
 collapse is recorded when, at two checks in a row, that accuracy is below `fraction` of the best seen so
 far (the best at least MIN_BEST, above chance-level noise) while the mean training accuracy on the
 method's adversarial examples over the interval is at least RISE above its value at the best (a run
 whose training accuracy falls too is diverging or annealing, not overfitting).
+
+What follows a collapse is --on-collapse: stop the run (best.pt is from before), warn and go on, or roll
+back: the trainer keeps a copy of the training state from the guard's best check, restores it, multiplies
+the method's attack step size alpha by --rollback-factor and trains on; after MAX_ROLLBACKS it stops.
 """
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -24,6 +30,8 @@ GUARD_STEPS = 5
 MIN_BEST = 0.1
 RISE = 0.05
 CONSECUTIVE = 2
+GUARD_START = 4  # checks begin after 1 / GUARD_START of the first epoch
+MAX_ROLLBACKS = 3
 
 
 @dataclasses.dataclass
@@ -34,7 +42,9 @@ class GuardState:
     train_at_best: float = 0.0
     sums: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # train accuracy sum, count
     below: int = 0  # consecutive checks that met the collapse condition
-    collapse: dict[str, Any] | None = None
+    collapse: dict[str, Any] | None = None  # the event that ended checking (none after a rollback)
+    rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the events rolled back from
+    alpha: float | None = None  # the method's alpha after the last rollback (None: the configured one)
 
 
 class CollapseGuard:
@@ -46,6 +56,7 @@ class CollapseGuard:
         self.attack = pgd(eps, eps / 4, GUARD_STEPS, random_start=True)
         self.every, self.threshold, self.state, self.start_step = every, threshold, state, start_step
         self.pending: list[Tensor] = []  # this interval's accuracies, read from the device only when needed
+        self.improved = False  # whether the last check set a new best (the trainer's rollback point)
 
     def observe(self, stats: dict[str, Tensor] | None) -> None:
         """Add one step's training accuracy on the method's adversarial examples (clean for natural)."""
@@ -75,7 +86,8 @@ class CollapseGuard:
         train = total / count if count else float("nan")
         self.state.sums = [0.0, 0.0]
         state = self.state
-        if robust > state.best:
+        self.improved = robust > state.best
+        if self.improved:
             state.best, state.train_at_best, state.below = robust, train, 0
             return None
         falling = state.best >= MIN_BEST and robust < self.threshold * state.best
@@ -86,3 +98,30 @@ class CollapseGuard:
                               state.train_at_best, "guard_examples": len(self.labels)}
             return state.collapse
         return None
+
+    def rolled_back(self, alpha: float) -> None:
+        """Checking resumes after a rollback to the best check (the event moves to `rollbacks`) with `alpha`."""
+        state = self.state
+        if state.collapse is not None:
+            state.rollbacks.append(state.collapse)
+        state.collapse, state.below, state.sums, self.pending = None, 0, [0.0, 0.0], []
+        state.alpha = alpha
+
+
+def snapshot(net: nn.Module, optimizer: torch.optim.Optimizer, average: Any, method: Any) -> dict[str, Any]:
+    """A copy of the training state to roll back to: weights and buffers, optimiser, weight average, method state."""
+    return copy.deepcopy({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                          "average": average.state_dict() if average is not None else None,
+                          "method_state": dict(method.state)})
+
+
+def restore(good: dict[str, Any], net: nn.Module, optimizer: torch.optim.Optimizer, average: Any,
+            method: Any) -> None:
+    """Put a `snapshot` back (copies, so the snapshot stays usable for a later rollback)."""
+    good = copy.deepcopy(good)
+    net.load_state_dict(good["model"])
+    optimizer.load_state_dict(good["optimizer"])
+    if average is not None:
+        average.load_state_dict(good["average"])
+    method.state.clear()
+    method.state.update(good["method_state"])

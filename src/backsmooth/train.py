@@ -18,13 +18,12 @@ from tqdm import tqdm
 
 from backsmooth import checkpoint, methods
 from backsmooth import distributed as dist
-from backsmooth.accuracy import correct_under_attack, stratified_subset
-from backsmooth.attacks import pgd
+from backsmooth.accuracy import stratified_subset
 from backsmooth.averaging import WeightAverage
-from backsmooth.build import build_loader, build_model, load_data
+from backsmooth.build import build_loader, build_model, load_data, sharded_accuracy
 from backsmooth.config import RunConfig, validate
 from backsmooth.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from backsmooth.guard import CollapseGuard, GuardState
+from backsmooth.guard import GUARD_START, MAX_ROLLBACKS, CollapseGuard, GuardState, restore, snapshot
 from backsmooth.loop_state import Collapsed, TrainState, stop_on_signals
 from backsmooth.methods import StepContext
 from backsmooth.run_dir import RunDirectory
@@ -75,6 +74,7 @@ class Trainer:
         self.state = TrainState()
         self.average = WeightAverage(self.net, config.weight_averaging) if config.weight_averaging else None
         self.compile_warmup_seconds = 0.0  # first step's time with --compile (excluded from training time)
+        self.good: dict[str, Any] | None = None  # --on-collapse rollback: the state at the guard's best check
         if self.proc.is_main:
             self.run_dir.create(stale)
             if not has_checkpoint:
@@ -84,7 +84,8 @@ class Trainer:
             self._restore()
         every = max(len(self.loader) // 20, 1) if config.collapse_every == -1 else config.collapse_every
         self.guard = CollapseGuard(self.data.val.images, self.data.val.labels, config.eps, every,
-                                   config.collapse_fraction, self.state.guard, start_step=len(self.loader))
+                                   config.collapse_fraction, self.state.guard,
+                                   start_step=max(len(self.loader) // GUARD_START, 1))
 
     @property
     def eval_net(self) -> nn.Module:
@@ -121,6 +122,7 @@ class Trainer:
             "rank_buffers": buffers,
             "method_states": method_states,
             "average": self.average.state_dict() if self.average is not None else None,
+            "good": self.good,
             "torch_rng": torch.get_rng_state(),
             "train_state": dataclasses.asdict(self.state),
         }
@@ -153,6 +155,9 @@ class Trainer:
                     torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), self.device)
                 self.state = TrainState(**saved["train_state"])
                 self.state.guard = GuardState(**self.state.guard)
+                self.good = saved.get("good")
+                if self.state.guard.alpha is not None:  # lowered by a rollback
+                    self.method.set_step_size(self.state.guard.alpha)
                 if self.average is not None:
                     self.average.load_state_dict(saved["average"])
             except (CheckpointError, KeyError, TypeError) as exc:
@@ -169,7 +174,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train the remaining epochs, then evaluate last and best on the test set."""
-        stopped = self.state.guard.collapse is not None and self.config.on_collapse == "stop"
+        stopped = self.state.guard.collapse is not None and self.state.guard.collapse.get("action") == "stop"
         with stop_on_signals() as stop_requested:
             while self.state.epoch < self.config.epochs and not stopped:
                 try:
@@ -206,6 +211,9 @@ class Trainer:
             if self.guard.due(state.global_step):
                 watch.stop()  # the guard's attack is not training time
                 event = self.guard.check(self.net, state.global_step, state.epoch)
+                # rank 0's guard decides the rollback point, so every rank keeps the same one
+                if self.config.on_collapse == "rollback" and dist.broadcast_object(self.guard.improved, self.proc):
+                    self.good = snapshot(self.net, self.optimizer, self.average, self.method)
                 collapsed = dist.any_process(event is not None, self.proc, self.device)
                 watch.start()
                 if collapsed:
@@ -244,21 +252,32 @@ class Trainer:
                            torch.Generator(self.device).manual_seed(seed))
 
     def _collapsed(self, bar: tqdm) -> None:
-        """Record the collapse event; stop the run (its best.pt is from before) unless --on-collapse warn."""
-        state = self.state
+        """Record the collapse event, then stop the run (its best.pt is from before), go on (warn), or roll back
+        to the state of the guard's best check with a lower alpha (rollback; it stops after MAX_ROLLBACKS)."""
+        state, action = self.state, self.config.on_collapse
         # under torchrun another rank may have seen it first (its guard batch statistics differ slightly)
         event = state.guard.collapse = state.guard.collapse or {"event": "collapse", "epoch": state.epoch + 1,
                                                                 "step": state.global_step}
-        event["action"] = self.config.on_collapse
+        if action == "rollback" and (self.good is None or len(state.guard.rollbacks) >= MAX_ROLLBACKS):
+            action = "stop"  # nothing to roll back to, or the lower steps did not help either
+        event["action"] = action
+        if action == "rollback":
+            event["alpha"] = self.method.alpha * self.config.rollback_factor
         self.state.metrics.append(dict(event))
         if self.proc.is_main:
             self.run_dir.write_metrics(self.state.metrics)
+            then = {"stop": "stopping, best.pt is from before", "warn": "going on",
+                    "rollback": f"rolling back to the best check, alpha {self.method.alpha:.4g} -> "
+                                f"{event.get('alpha', 0):.4g}"}[action]
             print(f"warning: catastrophic overfitting at step {event.get('step')}: guard PGD-5 accuracy "
                   f"{event.get('guard_pgd_acc', float('nan')):.1%}, best {event.get('guard_best', float('nan')):.1%}, "
                   f"training accuracy on the method's own attacks {event.get('train_adv_acc', float('nan')):.1%}; "
-                  + ("stopping, best.pt is from before" if self.config.on_collapse == "stop" else "going on"),
-                  file=sys.stderr, flush=True)
-        if self.config.on_collapse == "stop":
+                  f"{then}", file=sys.stderr, flush=True)
+        if action == "rollback" and self.good is not None:
+            restore(self.good, self.net, self.optimizer, self.average, self.method)
+            self.method.set_step_size(event["alpha"])
+            self.guard.rolled_back(event["alpha"])
+        elif action == "stop":
             bar.close()
             raise Collapsed
 
@@ -291,22 +310,9 @@ class Trainer:
 
     def _accuracy(self, images: Tensor, labels: Tensor, pgd_steps: int) -> tuple[float, float]:
         """Clean and PGD-`pgd_steps` accuracy (step 2/255, random start, fixed seed), sharded over ranks."""
-        shard = slice(self.proc.rank, None, self.proc.world_size)
-        images, labels = images[shard], labels[shard]
-        kwargs = dict(batch_size=self.config.eval_batch_size, precision=self.config.precision)
-        clean = correct_under_attack(self.eval_net, images, labels, **kwargs)
-        robust = clean
-        if pgd_steps:
-            generator = torch.Generator(self.device).manual_seed(self.config.seed + self.proc.rank)
-            attack = pgd(self.config.eps, 2 / 255, pgd_steps, random_start=True)
-            robust = clean & correct_under_attack(self.eval_net, images, labels, attack, generator=generator,
-                                                  **kwargs)
-        counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64,
-                              device=self.device)
-        n_clean, n_robust, n = dist.all_reduce_sum(counts, self.proc).tolist()
-        if n == 0:
-            return float("nan"), float("nan")
-        return n_clean / n, (n_robust / n if pgd_steps else float("nan"))
+        return sharded_accuracy(self.eval_net, images, labels, self.config.eps, pgd_steps, self.proc, self.device,
+                                batch_size=self.config.eval_batch_size, precision=self.config.precision,
+                                seed=self.config.seed)
 
     def _end_epoch(self) -> None:
         config, state = self.config, self.state
@@ -354,7 +360,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """Clean and PGD-20 accuracy of the last and best models on a stratified test subset; summary.json."""
-        config, test = self.config, self.data.test
+        config, test, guard = self.config, self.data.test, self.state.guard
         dist.barrier(self.proc)  # rank 0 has written last.pt and best.pt
         index = stratified_subset(test.labels, config.final_eval_examples, config.seed)
         images, labels = test.images[index], test.labels[index]
@@ -363,7 +369,9 @@ class Trainer:
                                    "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
                                    "test_examples": len(index), "processes": self.proc.world_size,
-                                   "weight_averaging": config.weight_averaging, "collapse": self.state.guard.collapse}
+                                   "weight_averaging": config.weight_averaging,  # the first collapse event:
+                                   "collapse": (guard.rollbacks or [guard.collapse])[0],
+                                   "rollbacks": len(guard.rollbacks)}
         for which in ("last", "best"):
             saved = checkpoint.load(self.run_dir.file(f"{which}.pt"), map_location=self.device)
             epoch = saved["meta"]["epoch"]

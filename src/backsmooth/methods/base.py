@@ -124,6 +124,17 @@ class TrainingMethod:
         return tuple(Option(f.name, _value_type(hints[f.name]), f.metadata.get("help", ""))
                      for f in dataclasses.fields(cls) if f.init and f.name not in RUN_LEVEL)
 
+    def set_step_size(self, alpha: float) -> None:
+        """Change the attack step size alpha during a run (the collapse guard's rollback lowers it)."""
+        if not self.has_step_size():
+            raise ConfigError(f"{self.name} has no attack step size alpha to change")
+        self._set("alpha", alpha)
+
+    @classmethod
+    def has_step_size(cls) -> bool:
+        """Whether the method takes an attack step size alpha (what a rollback lowers)."""
+        return "alpha" in cls.hyperparameter_names()
+
     def _set(self, field: str, value: float) -> None:
         """Resolve a default that depends on another field (frozen dataclass)."""
         object.__setattr__(self, field, value)

@@ -20,7 +20,7 @@ LABEL_KEYS_THEN = ("epochs", "batch_size", "lr", "schedule")
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 _CHECKPOINT_ORDER = {"best": 0, "last": 1}
 # the collapse guard's --on-collapse, as the collapse text says it
-ACTIONS = {"stop": "stopped", "warn": "went on"}
+ACTIONS = {"stop": "stopped", "warn": "went on", "rollback": "rolled back"}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and writes); the evaluations and the report then run on rank 0 alone.
 """
 
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backsmooth import distributed as dist
-from backsmooth.atomic import atomic_write_text
+from backsmooth.atomic import atomic_write_json, atomic_write_text
 from backsmooth.errors import ConfigError, TrainingDiverged, one_line
 from backsmooth.evaluation.saved import evaluate_saved
 from backsmooth.report import format_duration, read_run
@@ -222,12 +223,28 @@ def execute(study: Study, command: str, *, progress: bool | None = False, log: L
 
 
 def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, log: Log) -> None:
-    """Evaluate the run's planned checkpoints that have no eval file yet."""
+    """Evaluate the run's planned checkpoints that have no eval file yet. When best.pt is a copy of last.pt (the
+    last epoch was the best) and one of them is evaluated, the other's file is that result under its own name."""
     if not is_trained(run):
         return
     for checkpoint in plan.evaluations_left(run):
+        twin = eval_path(run, "best" if checkpoint == "last" else "last")
+        if twin.is_file() and _same_file(run_path(run) / "best.pt", run_path(run) / "last.pt"):
+            data = json.loads(twin.read_text())
+            data["name"] = checkpoint
+            data["checkpoint"] = dict(data["checkpoint"], path=str(run_path(run) / f"{checkpoint}.pt"),
+                                      same_weights_as=data["checkpoint"]["path"])
+            atomic_write_json(eval_path(run, checkpoint), data)
+            continue
         log(plan.progress_line(f"evaluating {run.name} {checkpoint}.pt", plan.measured_rates()))
         evaluation = study.evaluation
         evaluate_saved(run_path(run) / f"{checkpoint}.pt", run.attacks, n_examples=evaluation.n_examples,
                        batch_size=evaluation.batch_size, device=run.config.device, seed=evaluation.seed,
                        name=checkpoint, progress=progress, log=lambda _line: None)
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two files hold the same bytes (best.pt is written as a copy of last.pt)."""
+    if not first.is_file() or not second.is_file() or first.stat().st_size != second.stat().st_size:
+        return False
+    return hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
