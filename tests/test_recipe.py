@@ -181,10 +181,13 @@ def test_guard_on_a_real_run_records_nothing_when_healthy(tmp_path):
     base = dict(dataset="digits", arch="small_cnn", method="backward_smoothing", eps=0.1, batch_size=64, lr=0.05,
                 schedule="cosine", epochs=3, val_size=180, val_pgd_steps=0, final_eval_examples=0)
     guarded = train(from_mapping(dict(base, collapse_every=5, out=str(tmp_path / "guarded"))), progress=False)
-    plain = train(from_mapping(dict(base, out=str(tmp_path / "plain"))), progress=False)
+    plain = train(from_mapping(dict(base, collapse_every=0, out=str(tmp_path / "plain"))), progress=False)
     assert guarded["collapse"] is None and plain["collapse"] is None
     rows = [json.loads(line) for line in (tmp_path / "guarded" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all("event" not in r for r in rows)
+    assert len([r for r in rows if "event" not in r]) == 3
+    checks = [r for r in rows if r.get("event") == "guard"]  # every check is logged, with its position
+    assert {r.get("event") for r in rows} == {None, "guard"} and [c["step"] for c in checks] == list(range(5, 58, 5))
+    assert all(0 <= c["guard_pgd_acc"] <= 1 and c["epochs_done"] == pytest.approx(c["step"] / 19) for c in checks)
     a = torch.load(tmp_path / "guarded" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -231,11 +234,13 @@ def test_rollback_restores_the_best_check_and_lowers_alpha(tmp_path, monkeypatch
     summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)
     assert all(torch.equal(seen["best"][k], seen["restored"][k]) for k in seen["best"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    events = [r for r in rows if "event" in r]
+    events = [r for r in rows if r.get("event") == "collapse"]
     alpha = methods.build("fgsm_rs", eps=0.1).alpha
     assert len(events) == 1 and events[0]["action"] == "rollback"
     assert events[0]["alpha"] == pytest.approx(alpha * 0.5)
     assert [r["epoch"] for r in rows if "event" not in r] == [1, 2]  # training went on to the end
+    # every 2 steps after a quarter of the first epoch (19 steps of 64 digits an epoch), 2 epochs
+    assert [r["step"] for r in rows if r.get("event") == "guard"] == [s for s in range(1, 39) if s % 2 == 0 and s > 4]
     assert summary["rollbacks"] == 1 and summary["collapse"]["step"] == 14
     guard = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["train_state"]["guard"]
     assert guard["alpha"] == pytest.approx(alpha * 0.5) and guard["collapse"] is None
@@ -248,7 +253,7 @@ def test_rollback_stops_after_its_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, collapses))
     summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    actions = [r["action"] for r in rows if "event" in r]
+    actions = [r["action"] for r in rows if r.get("event") == "collapse"]
     assert actions == ["rollback"] * MAX_ROLLBACKS + ["stop"]
     assert summary["rollbacks"] == MAX_ROLLBACKS
     alphas = [r["alpha"] for r in rows if r.get("action") == "rollback"]

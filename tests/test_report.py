@@ -18,7 +18,7 @@ from backsmooth.config import RunConfig
 from backsmooth.errors import BacksmoothError, DataError
 from backsmooth.evaluation import evaluate, model_info
 from backsmooth.report import PLOTS, build_report, read_run, run_labels
-from backsmooth.report.plots import collapse_points
+from backsmooth.report.plots import collapse_points, guard_checks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEGACY_METHOD_KEYS = ("alpha", "beta", "gamma", "steps", "grad_align_lambda")  # top-level in older config.json
@@ -321,6 +321,29 @@ def test_import_backsmooth_report_does_not_import_torch():
     code = ("import sys, backsmooth.report; "
             "assert 'torch' not in sys.modules and 'backsmooth.evaluation' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_stopped_in_its_first_epoch_with_guard_checks(tmp_path):
+    """The guard stopped the run before its first epoch ended: no epoch rows, but summary.json and the logged
+    checks; the report shows the run (0/3 epochs, no time per epoch) and draws the checks and the collapse."""
+    stopped = write_run(tmp_path, "stopped", method="fgsm_rs", epoch_seconds=(), val_robust=(), val_clean=())
+    checks = [dict(event="guard", epoch=1, step=step, epochs_done=step / 40, total_train_seconds=step / 4,
+                   guard_pgd_acc=acc, train_adv_acc=0.5 + step / 100)
+              for step, acc in ((10, 0.2), (20, 0.3), (30, 0.1))]
+    event = dict(event="collapse", epoch=1, step=30, guard_pgd_acc=0.04, guard_best=0.3, train_adv_acc=0.8,
+                 train_adv_acc_at_best=0.7, epochs_done=0.75, total_train_seconds=7.5)
+    write_jsonl(stopped / "metrics.jsonl", [*checks, event | dict(action="stop")])
+    atomic_write_json(stopped / "summary.json", json.loads((stopped / "summary.json").read_text())
+                      | dict(collapse=event, train_seconds=7.5))
+    run = read_run(stopped)
+    assert run.metrics == [] and run.epochs_done == 0 and run.train_seconds == 7.5
+    assert guard_checks(run) == [(0.25, 2.5, 20.0), (0.5, 5.0, 30.0), (0.75, 7.5, 10.0)]
+    assert collapse_points(run) == [(0.75, 7.5, 4.0)]
+    report = build_report([stopped, write_run(tmp_path, "other", method="trades")], tmp_path / "out")
+    rows = markdown_table(report.read_text(), "run")
+    (row,) = [r for key, r in rows.items() if key[0].startswith("fgsm_rs")]
+    assert row["epochs"] == "0/3" and row["time/epoch"] == "n/a" and row["vs TRADES-10"] == "n/a"
+    assert (report.parent / "val_robust_by_epoch.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bad_run_directories_are_one_line_errors(tmp_path, runs):

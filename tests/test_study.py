@@ -65,6 +65,11 @@ def test_smoke_study_runs_end_to_end(smoke):
             evaluation = json.loads((folder / f"eval-{checkpoint}.json").read_text())
             assert evaluation["subset"]["n_examples"] == 100
             assert evaluation["evaluation"]["settings"]["attacks"] == ["pgd10"]
+        # one epoch: best.pt is a copy of last.pt, so its evaluation is last's under its own name, not rerun
+        assert (folder / "best.pt").read_bytes() == (folder / "last.pt").read_bytes()
+        best = json.loads((folder / "eval-best.json").read_text())
+        assert best["name"] == "best" and best["checkpoint"]["same_weights_as"] == str(folder / "last.pt")
+        assert best["evaluation"] == json.loads((folder / "eval-last.json").read_text())["evaluation"]
     assert "[study smoke] 4/4 runs trained, 8/8 evaluations done" in result.stdout
     report = out / "report"
     for name in ("study.md", "study.json", "tradeoff.png", "report.md", "report.json"):

@@ -59,8 +59,8 @@ class RunConfig:
     label_smoothing: float = _field(0.0, "label smoothing of the training loss's cross-entropy term (0: off)")
     weight_averaging: float = _field(0.0, "EMA decay tau of the weights, e.g. 0.9995; validation, selection, "
                                           "last.pt and best.pt use the average (0: off)")
-    collapse_every: int = _field(0, "steps between collapse-guard checks (0: off, the default; -1: a 20th of "
-                                    "an epoch); see docs/recipe.md")
+    collapse_every: int = _field(-1, "steps between collapse-guard checks (-1, the default: a 20th of an epoch, "
+                                     "at least 10 steps; 0: off); see docs/recipe.md")
     collapse_fraction: float = _field(0.5, "collapse: guard PGD accuracy below this fraction of its best")
     on_collapse: str = _field("stop", "stop keeping the last good best.pt (default), warn, or rollback: restore "
                                       "the state of the guard's best check and lower alpha by --rollback-factor")

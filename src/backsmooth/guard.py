@@ -57,6 +57,7 @@ class CollapseGuard:
         self.every, self.threshold, self.state, self.start_step = every, threshold, state, start_step
         self.pending: list[Tensor] = []  # this interval's accuracies, read from the device only when needed
         self.improved = False  # whether the last check set a new best (the trainer's rollback point)
+        self.last: dict[str, float] = {}  # the last check's guard and training accuracies (metrics.jsonl logs them)
 
     def observe(self, stats: dict[str, Tensor] | None) -> None:
         """Add one step's training accuracy on the method's adversarial examples (clean for natural)."""
@@ -86,6 +87,7 @@ class CollapseGuard:
         train = total / count if count else float("nan")
         self.state.sums = [0.0, 0.0]
         state = self.state
+        self.last = {"guard_pgd_acc": robust, "train_adv_acc": train}
         self.improved = robust > state.best
         if self.improved:
             state.best, state.train_at_best, state.below = robust, train, 0
@@ -108,11 +110,12 @@ class CollapseGuard:
         state.alpha = alpha
 
 
-def snapshot(net: nn.Module, optimizer: torch.optim.Optimizer, average: Any, method: Any) -> dict[str, Any]:
-    """A copy of the training state to roll back to: weights and buffers, optimiser, weight average, method state."""
+def snapshot(net: nn.Module, optimizer: torch.optim.Optimizer, average: Any, method: Any, step: int) -> dict[str, Any]:
+    """A copy of the training state at optimiser step `step`, to roll back to or keep as the pre-collapse model:
+    weights and buffers, optimiser, weight average, method state."""
     return copy.deepcopy({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                           "average": average.state_dict() if average is not None else None,
-                          "method_state": dict(method.state)})
+                          "method_state": dict(method.state), "step": step})
 
 
 def restore(good: dict[str, Any], net: nn.Module, optimizer: torch.optim.Optimizer, average: Any,

@@ -5,7 +5,6 @@ run the epochs; evaluate last and best. The run directory (run_dir.py) owns ever
 torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
 """
 
-import dataclasses
 import sys
 import threading
 import time
@@ -22,10 +21,11 @@ from backsmooth.accuracy import stratified_subset
 from backsmooth.averaging import WeightAverage
 from backsmooth.build import build_loader, build_model, load_data, sharded_accuracy
 from backsmooth.config import RunConfig, validate
-from backsmooth.errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from backsmooth.guard import GUARD_START, MAX_ROLLBACKS, CollapseGuard, GuardState, restore, snapshot
+from backsmooth.errors import ConfigError, Interrupted, TrainingDiverged
+from backsmooth.guard import GUARD_START, MAX_ROLLBACKS, CollapseGuard, restore, snapshot
 from backsmooth.loop_state import Collapsed, TrainState, stop_on_signals
 from backsmooth.methods import StepContext
+from backsmooth.resume import restore_training_state, save_training_state
 from backsmooth.run_dir import RunDirectory
 from backsmooth.runtime import Stopwatch
 from backsmooth.schedules import learning_rate
@@ -81,8 +81,9 @@ class Trainer:
                 self.run_dir.write_config(self.config)
         dist.barrier(self.proc)
         if has_checkpoint:
-            self._restore()
-        every = max(len(self.loader) // 20, 1) if config.collapse_every == -1 else config.collapse_every
+            restore_training_state(self)
+        every = max(len(self.loader) // 20, 10) if config.collapse_every == -1 else config.collapse_every
+        every = every if self.method.adversarial else 0  # natural training has no attack to overfit to
         self.guard = CollapseGuard(self.data.val.images, self.data.val.labels, config.eps, every,
                                    config.collapse_fraction, self.state.guard,
                                    start_step=max(len(self.loader) // GUARD_START, 1))
@@ -99,76 +100,6 @@ class Trainer:
                     image_shape=list(self.data.image_shape), dataset=self.config.dataset, method=self.config.method,
                     eps=self.config.eps, epoch=epoch)
         return {"model": self.eval_net.state_dict(), "meta": meta}
-
-    def _save_checkpoint(self) -> None:
-        """Everything the run depends on; collective under DDP (generator states come from every rank)."""
-        self.guard.flush()
-        if self.average is not None:
-            self.average.synchronise()
-        generators = dist.gather_objects(self.generator.get_state(), self.proc)
-        # a method's state is either the same on every rank (kept once) or each rank's own (gathered)
-        method_state = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.method.state.items()}
-        method_states = [method_state] if self.method.shared_state else dist.gather_objects(method_state, self.proc)
-        # BatchNorm running statistics drift apart between DDP's buffer broadcasts, and the next
-        # attack reads them: keep every rank's own copy so a resumed run continues identically
-        buffers = dist.gather_objects({k: v.cpu() for k, v in self.net.named_buffers()}, self.proc)
-        if not self.proc.is_main:
-            return
-        state = {
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "generators": generators,
-            "rank_buffers": buffers,
-            "method_states": method_states,
-            "average": self.average.state_dict() if self.average is not None else None,
-            "good": self.good,
-            "torch_rng": torch.get_rng_state(),
-            "train_state": dataclasses.asdict(self.state),
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        self.run_dir.save_checkpoint(state)
-
-    def _restore(self) -> None:
-        """Load the newest checkpoint that reads cleanly; fall back to the previous one."""
-        errors = []
-        for path in self.run_dir.checkpoints():
-            try:
-                saved = checkpoint.load(path, map_location=self.device)
-                generators = saved["generators"]
-                if len(generators) != self.proc.world_size:
-                    raise ConfigError(f"{path} was written by {len(generators)} processes, this run has "
-                                      f"{self.proc.world_size}; resume with the same number of processes")
-                checkpoint.load_state_into(self.net, saved["model"], str(path))
-                with torch.no_grad():
-                    for name, buffer in self.net.named_buffers():
-                        buffer.copy_(saved["rank_buffers"][self.proc.rank][name])
-                states = saved.get("method_states", [{}])
-                mine = states[0] if self.method.shared_state else states[self.proc.rank]
-                self.method.state.update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mine.items()})
-                self.optimizer.load_state_dict(saved["optimizer"])
-                self.scaler.load_state_dict(saved["scaler"])
-                self.generator.set_state(generators[self.proc.rank].cpu())
-                torch.set_rng_state(saved["torch_rng"].cpu())
-                if "cuda_rng" in saved and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), self.device)
-                self.state = TrainState(**saved["train_state"])
-                self.state.guard = GuardState(**self.state.guard)
-                self.good = saved.get("good")
-                if self.state.guard.alpha is not None:  # lowered by a rollback
-                    self.method.set_step_size(self.state.guard.alpha)
-                if self.average is not None:
-                    self.average.load_state_dict(saved["average"])
-            except (CheckpointError, KeyError, TypeError) as exc:
-                errors.append(str(exc))
-                continue
-            if errors:
-                print(f"warning: {errors[0]}; resumed from {path}", file=sys.stderr)
-            if self.proc.is_main:
-                self.run_dir.write_metrics(self.state.metrics)
-            return
-        raise CheckpointError(f"no usable checkpoint in {self.run_dir.path}: {'; '.join(errors)}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -209,11 +140,14 @@ class Trainer:
             state.global_step += 1
             bar.update()
             if self.guard.due(state.global_step):
-                watch.stop()  # the guard's attack is not training time
+                seconds = state.train_seconds + state.epoch_seconds + watch.stop()  # the guard is not training time
                 event = self.guard.check(self.net, state.global_step, state.epoch)
-                # rank 0's guard decides the rollback point, so every rank keeps the same one
-                if self.config.on_collapse == "rollback" and dist.broadcast_object(self.guard.improved, self.proc):
-                    self.good = snapshot(self.net, self.optimizer, self.average, self.method)
+                state.metrics.append(dict(self.guard.last, event="guard", epoch=state.epoch + 1, step=state.global_step,
+                                          epochs_done=state.epoch + state.step_in_epoch / len(self.loader),
+                                          total_train_seconds=seconds))
+                # rank 0's guard decides the point to stop at or roll back to, so every rank keeps the same one
+                if self.config.on_collapse != "warn" and dist.broadcast_object(self.guard.improved, self.proc):
+                    self.good = snapshot(self.net, self.optimizer, self.average, self.method, state.global_step)
                 collapsed = dist.any_process(event is not None, self.proc, self.device)
                 watch.start()
                 if collapsed:
@@ -233,7 +167,7 @@ class Trainer:
             if (at_checkpoint or stop) and state.step_in_epoch < len(self.loader):
                 state.epoch_seconds += watch.stop()
                 watch.seconds = 0.0
-                self._save_checkpoint()
+                save_training_state(self)
                 watch.start()
             if stop:
                 bar.close()
@@ -258,6 +192,7 @@ class Trainer:
         # under torchrun another rank may have seen it first (its guard batch statistics differ slightly)
         event = state.guard.collapse = state.guard.collapse or {"event": "collapse", "epoch": state.epoch + 1,
                                                                 "step": state.global_step}
+        event.update({k: state.metrics[-1][k] for k in ("epochs_done", "total_train_seconds")})  # the check's
         if action == "rollback" and (self.good is None or len(state.guard.rollbacks) >= MAX_ROLLBACKS):
             action = "stop"  # nothing to roll back to, or the lower steps did not help either
         event["action"] = action
@@ -279,6 +214,12 @@ class Trainer:
             self.guard.rolled_back(event["alpha"])
         elif action == "stop":
             bar.close()
+            if self.proc.is_main and self.good is not None and not self.run_dir.file("best.pt").exists():
+                # stopped in the first epoch: last.pt is the collapsed model, best.pt the guard's best check
+                self.run_dir.save_model(self._model_file(0), best=False)
+                good = self.good["average"]["module"] if self.average is not None else self.good["model"]
+                checkpoint.save(self.run_dir.file("best.pt"), {"model": good, "meta": dict(
+                    self._model_file(0)["meta"], step=self.good["step"])})
             raise Collapsed
 
     def _step(self, x: Tensor, y: Tensor, context: StepContext) -> None:
@@ -351,7 +292,7 @@ class Trainer:
         if self.proc.is_main:
             self.run_dir.save_model(self._model_file(epoch + 1), best=improved)
             self.run_dir.write_metrics(state.metrics)
-        self._save_checkpoint()
+        save_training_state(self)
         if self.proc.is_main:
             print(f"epoch {epoch + 1}/{config.epochs}  loss {row.get('train_loss', float('nan')):.4f}  "
                   f"val clean {val_clean:.4f}  val pgd{config.val_pgd_steps} {val_robust:.4f}  "
@@ -374,13 +315,14 @@ class Trainer:
                                    "rollbacks": len(guard.rollbacks)}
         for which in ("last", "best"):
             saved = checkpoint.load(self.run_dir.file(f"{which}.pt"), map_location=self.device)
-            epoch = saved["meta"]["epoch"]
-            if which == "best" and epoch == results["last"]["epoch"]:
+            epoch, step = saved["meta"]["epoch"], saved["meta"].get("step")  # a step: from the collapse guard
+            if which == "best" and (epoch, step) == (results["last"]["epoch"], results["last"].get("step")):
                 results["best"] = results["last"]  # the same weights
                 continue
             checkpoint.load_state_into(self.eval_net, saved["model"], f"{which}.pt")
             clean, robust = self._accuracy(images, labels, 20) if len(index) else (float("nan"), float("nan"))
-            results[which] = {"epoch": epoch, "clean_acc": clean, "pgd20_acc": robust}
+            results[which] = {"epoch": epoch, "clean_acc": clean, "pgd20_acc": robust} | (
+                {"step": step} if step else {})
         if self.proc.is_main:
             self.run_dir.write_summary(results)
         return results

@@ -73,6 +73,7 @@ class TrainingMethod:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    adversarial: ClassVar[bool] = True  # trains on attacks (the collapse guard watches only such methods)
     needs_index: ClassVar[bool] = False  # the trainer passes context.index (loader indices)
     shared_state: ClassVar[bool] = True  # state identical on every process (else each rank's own is saved)
     double_backprop: ClassVar[bool] = False  # differentiates input gradients of training forwards (GradAlign)

@@ -14,6 +14,7 @@ from backsmooth.methods.registry import register
 class Natural(TrainingMethod):
     name = "natural"
     summary = "plain cross-entropy; no robustness, the speed and clean-accuracy baseline"
+    adversarial = False
 
     def floor_units(self) -> int:
         return 3  # one training forward and backward

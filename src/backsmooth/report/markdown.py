@@ -1,5 +1,6 @@
 """report.md: the main table, its notes, the seed table and the links to the plots."""
 
+import math
 from collections.abc import Sequence
 
 from backsmooth.report.plots import PLOTS
@@ -15,7 +16,7 @@ GROUP_COLUMNS = ("runs", "checkpoint", "n", "seeds", "clean", "PGD-20", "CW", "A
 
 def format_duration(seconds: float | None) -> str:
     """'42.0 s', '12m 05s' or '3h 07m'."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "n/a"
     if seconds < 60:
         return f"{seconds:.1f} s"

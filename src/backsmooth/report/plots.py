@@ -58,6 +58,11 @@ def collapse_points(run: RunData) -> list[tuple[float, float, float]]:
     steps = _steps_per_epoch(run)
     points = []
     for event in (e for e in run.events if e["event"] == "collapse"):
+        done, seconds = finite_or_none(event.get("epochs_done")), finite_or_none(event.get("total_train_seconds"))
+        robust = finite_or_none(event.get("guard_pgd_acc"))
+        if done is not None and seconds is not None and robust is not None:  # the trainer logged its position
+            points.append((done, seconds, 100 * robust))
+            continue
         before = [r for r in run.metrics if r["epoch"] < event["epoch"]]
         step = finite_or_none(event.get("step"))
         within = 1.0 if not steps or step is None else min(max(step / steps - (event["epoch"] - 1), 0.0), 1.0)
@@ -72,6 +77,14 @@ def collapse_points(run: RunData) -> list[tuple[float, float, float]]:
     return points
 
 
+def guard_checks(run: RunData) -> list[tuple[float, float, float]]:
+    """(epochs done, training seconds, guard PGD-5 accuracy in %) of every collapse-guard check the run logged."""
+    return [(float(e["epochs_done"]), float(e["total_train_seconds"]), 100 * float(e["guard_pgd_acc"]))
+            for e in run.events if e["event"] == "guard" and finite_or_none(e.get("guard_pgd_acc")) is not None
+            and finite_or_none(e.get("epochs_done")) is not None
+            and finite_or_none(e.get("total_train_seconds")) is not None]
+
+
 def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, bytes]:
     """Validation robust accuracy per epoch and against cumulative training time, one line per run (PNG bytes)."""
     steps = {r.settings.get("val_pgd_steps", 20) for r in runs}
@@ -82,7 +95,7 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                                 ("val_robust_by_time.png", "total_train_seconds", f"training time ({unit})")):
         figure = _figure()
         axes = figure.add_subplot()
-        drawn = collapsed = 0
+        drawn = collapsed = guarded = 0
         for index, (run, label) in enumerate(zip(runs, labels)):
             points = [(float(r[x_key]) / (scale if x_key != "epoch" else 1.0), 100 * finite_or_none(r.get(run.val_key)))
                       for r in run.metrics if finite_or_none(r.get(run.val_key)) is not None]
@@ -90,14 +103,21 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                 suffix = f" (PGD-{run.settings.get('val_pgd_steps', 20)})" if "K" in ylabel else ""
                 axes.plot(*zip(*points), marker="o", markersize=3, label=label + suffix, **_style(index))
                 drawn += 1
+            checks = guard_checks(run)
+            if checks:  # the guard's own PGD-5 accuracy on its batch, dotted in the run's colour
+                axes.plot([c[0] if x_key == "epoch" else c[1] / scale for c in checks], [c[2] for c in checks],
+                          linestyle=":", linewidth=1.2, color=_style(index)["color"], alpha=0.8)
+                guarded += 1
             for epoch, seconds, robust in collapse_points(run):  # an x in the run's colour, at the guard's accuracy
                 axes.plot([epoch if x_key == "epoch" else seconds / scale], [robust], marker="x", markersize=10,
                           markeredgewidth=2.5, linestyle="none", color=_style(index)["color"], zorder=3)
                 collapsed += 1
+        if guarded:
+            axes.plot([], [], linestyle=":", color="black", label="collapse guard's PGD-5 (its batch)")
         if collapsed:  # one legend entry for every run's markers
             axes.plot([], [], marker="x", markersize=8, markeredgewidth=2, linestyle="none", color="black",
                       label="collapse (guard)")
-        if drawn or collapsed:
+        if drawn or collapsed or guarded:
             axes.legend(fontsize="small")
         else:
             axes.text(0.5, 0.5, "no validation robust accuracy recorded", ha="center", transform=axes.transAxes)

@@ -42,7 +42,7 @@ class RunData:
 
     path: Path
     config: dict[str, Any]  # config.json as written; read `settings` for the flat view
-    metrics: list[dict[str, Any]]  # the epoch rows of metrics.jsonl (never empty)
+    metrics: list[dict[str, Any]]  # the epoch rows of metrics.jsonl (empty only for a run stopped in epoch 1)
     summary: dict[str, Any] | None
     evals: dict[str, dict[str, Any]]  # eval-*.json file name -> contents
     events: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows with an "event" key, in order
@@ -76,14 +76,22 @@ class RunData:
         return f"val_pgd{self.settings.get('val_pgd_steps', 20)}_acc"
 
     @property
+    def epochs_done(self) -> int:
+        """Completed epochs (0 for a run the collapse guard stopped in its first epoch)."""
+        return int(self.metrics[-1]["epoch"]) if self.metrics else 0
+
+    @property
     def train_seconds(self) -> float:
-        """Cumulative training time after the last recorded epoch, evaluation excluded."""
-        return float(self.metrics[-1]["total_train_seconds"])
+        """Cumulative training time after the last recorded epoch (or summary.json's), evaluation excluded."""
+        if self.metrics:
+            return float(self.metrics[-1]["total_train_seconds"])
+        return float((self.summary or {}).get("train_seconds") or 0.0)
 
     @property
     def seconds_per_epoch(self) -> float:
-        """Median epoch training time: a slow first epoch (warm-up, compilation) does not distort it."""
-        return statistics.median(float(row["train_seconds"]) for row in self.metrics)
+        """Median epoch training time (a slow first epoch, warm-up or compilation, does not distort it); NaN
+        for a run without a completed epoch."""
+        return statistics.median(float(row["train_seconds"]) for row in self.metrics) if self.metrics else math.nan
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -132,8 +140,6 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         _require(row, {"epoch": int, "train_seconds": (int, float), "total_train_seconds": (int, float)},
                  f"{path} line {number}")
         rows.append(row)
-    if not rows:
-        raise DataError(f"{path} has no epochs yet; report a run after its first epoch")
     return rows, events
 
 
@@ -147,6 +153,8 @@ def read_run(path: str | Path) -> RunData:
     _require(config, _CONFIG_TYPES, f"{path / 'config.json'}")
     _require_optional(config, "method_options", dict, f"{path / 'config.json'}")
     metrics, events = _read_metrics(path / "metrics.jsonl")
+    if not metrics and not (path / "summary.json").exists():
+        raise DataError(f"{path / 'metrics.jsonl'} has no epochs yet; report a run after its first epoch")
     summary = None
     if (path / "summary.json").exists():
         summary = _read_json(path / "summary.json", "the final test summary")

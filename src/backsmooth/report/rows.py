@@ -260,7 +260,7 @@ def _worst_case(results: Sequence[tuple[set[str], float | None]],
 def _trades10_seconds(run: RunData, runs: Sequence[RunData]) -> float | None:
     """Mean per-epoch time of the TRADES-10 runs with the run's architecture, dataset and batch size."""
     same = ("arch", "dataset", "batch_size")
-    refs = [r.seconds_per_epoch for r in runs if r.settings["method"] == "trades"
+    refs = [r.seconds_per_epoch for r in runs if r.settings["method"] == "trades" and r.metrics
             and r.settings.get("steps") in (None, 10) and all(r.settings[k] == run.settings[k] for k in same)]
     return statistics.fmean(refs) if refs else None
 
@@ -281,14 +281,14 @@ def build_rows(runs: Sequence[RunData]) -> list[Row]:
             rows.append(Row(
                 run_dir=str(run.path), label=label, group=group, method=run.settings["method"],
                 arch=run.settings["arch"], dataset=run.settings["dataset"], epochs=run.settings["epochs"],
-                epochs_done=run.metrics[-1]["epoch"], seed=run.settings["seed"], batch_size=run.settings["batch_size"],
+                epochs_done=run.epochs_done, seed=run.settings["seed"], batch_size=run.settings["batch_size"],
                 checkpoint=entry.checkpoint, epoch=entry.epoch, eps=entry.eps, n_examples=entry.n_examples,
                 source_kind=entry.source_kind, sources=tuple(entry.sources), clean_acc=entry.clean_acc,
                 per_attack=per_attack, pgd20_acc=per_attack.get("pgd20"), cw_attack=cw_attack, cw_acc=cw_acc,
                 autoattack_variant=variant, autoattack_acc=autoattack_acc, worst_case_acc=worst_acc,
                 worst_case_bound=worst_bound, worst_case_attacks=worst_attacks, train_seconds=run.train_seconds,
                 seconds_per_epoch=run.seconds_per_epoch,
-                relative_to_trades10=run.seconds_per_epoch / reference if reference else None,
+                relative_to_trades10=run.seconds_per_epoch / reference if reference and run.metrics else None,
                 data_note=run.data_note, collapse=collapse_text(run.collapse)))
     return rows
 

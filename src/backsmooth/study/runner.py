@@ -22,7 +22,15 @@ from backsmooth.errors import ConfigError, TrainingDiverged, one_line
 from backsmooth.evaluation.saved import evaluate_saved
 from backsmooth.report import format_duration, read_run
 from backsmooth.run_dir import RunDirectory
-from backsmooth.study import estimate
+from backsmooth.study.estimate import (
+    AUTOATTACK_REACH,
+    DataFacts,
+    bench_rate,
+    data_facts,
+    measured_rate,
+    run_units,
+    step_units,
+)
 from backsmooth.study.report import write_study_report
 from backsmooth.study.spec import PlannedRun, Study
 from backsmooth.train import Trainer
@@ -31,14 +39,17 @@ Log = Callable[[str], None]
 
 
 def run_path(run: PlannedRun) -> Path:
+    """The run's directory (OUT/runs/<entry>-seed<k>)."""
     return Path(run.config.out or "")
 
 
 def is_trained(run: PlannedRun) -> bool:
+    """Finished training: the trainer writes summary.json last."""
     return (run_path(run) / "summary.json").is_file()
 
 
 def eval_path(run: PlannedRun, checkpoint: str) -> Path:
+    """eval-last.json or eval-best.json of the run."""
     return run_path(run) / f"eval-{checkpoint}.json"
 
 
@@ -58,8 +69,8 @@ def check_existing(study: Study) -> None:
             if not path.is_file():
                 continue
             try:
-                settings = json.loads(path.read_text())["evaluation"]["settings"]
-                n_examples = json.loads(path.read_text())["subset"]["n_examples"]
+                saved = json.loads(path.read_text())
+                settings, n_examples = saved["evaluation"]["settings"], saved["subset"]["n_examples"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise ConfigError(f"{path} is not an evaluation file of `backsmooth eval`; move it away") from None
             wanted = (list(run.attacks), study.evaluation.n_examples, study.evaluation.seed)
@@ -75,19 +86,19 @@ class Plan:
 
     study: Study
     units: dict[str, tuple[float, float]]  # run name -> (training F, evaluation F)
-    facts: dict[str, estimate.DataFacts]
+    facts: dict[str, DataFacts]
 
     @classmethod
     def of(cls, study: Study) -> "Plan":
-        facts: dict[str, estimate.DataFacts] = {}
-        cache: dict[tuple[Any, ...], estimate.DataFacts] = {}
+        facts: dict[str, DataFacts] = {}
+        cache: dict[tuple[Any, ...], DataFacts] = {}
         for run in study.runs:
             c = run.config
             key = (c.dataset, c.data_dir, c.val_size, c.cache_dir)
             if key not in cache:
-                cache[key] = estimate.data_facts(c)
+                cache[key] = data_facts(c)
             facts[run.name] = cache[key]
-        return cls(study, {r.name: estimate.run_units(r, study, facts[r.name]) for r in study.runs}, facts)
+        return cls(study, {r.name: run_units(r, study, facts[r.name]) for r in study.runs}, facts)
 
     def evaluations_left(self, run: PlannedRun) -> list[str]:
         return [c for c in run.checkpoints if not eval_path(run, c).is_file()]
@@ -99,7 +110,7 @@ class Plan:
             if not (run_path(run) / "metrics.jsonl").is_file() or not is_trained(run):
                 continue
             data = read_run(run_path(run))
-            rate = estimate.measured_rate(data.train_seconds, run.config, self.facts[run.name],
+            rate = measured_rate(data.train_seconds, run.config, self.facts[run.name],
                                           int(data.metrics[-1]["epoch"]))
             if rate is not None:
                 rates.setdefault(run.config.arch, []).append(rate)
@@ -132,14 +143,14 @@ def dry_run(study: Study, log: Log) -> None:
     plan = Plan.of(study)
     rates: dict[tuple[Any, ...], float] = {}
     log(f"study {study.title}: {len(study.runs)} runs in {study.out} (estimates from a few eager training steps "
-        f"of each method on this machine; AutoAttack assumed to reach {estimate.AUTOATTACK_REACH:.0%} of examples)")
+        f"of each method on this machine; AutoAttack assumed to reach {AUTOATTACK_REACH:.0%} of examples)")
     log(f"{'run':<28} {'method':<20} {'epochs':>6} {'F/step':>6} {'train':>10} {'evaluate':>10}  status")
     for run in study.runs:
         c = run.config
         key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
                c.channels_last, plan.facts[run.name].image_shape)
         if key not in rates:
-            rates[key] = estimate.bench_rate(c, plan.facts[run.name])
+            rates[key] = bench_rate(c, plan.facts[run.name])
     # an attack step costs about what a training step of the same F does: one rate per architecture, the median
     by_arch: dict[str, list[float]] = {}
     for key, rate in rates.items():
@@ -155,7 +166,7 @@ def dry_run(study: Study, log: Log) -> None:
         status = ("trained" if is_trained(run) else "resume" if (run_path(run) / "config.json").is_file()
                   else "new") + f", {len(run.checkpoints) - len(plan.evaluations_left(run))} evaluated"
         total += (0.0 if is_trained(run) else train * rates[key]) + evaluation * eval_rate[c.arch] * share
-        log(f"{run.name:<28} {c.method:<20} {c.epochs:>6} {estimate.step_units(c):>6} "
+        log(f"{run.name:<28} {c.method:<20} {c.epochs:>6} {step_units(c):>6} "
             f"{format_duration(train * rates[key]):>10} {format_duration(evaluation * eval_rate[c.arch]):>10}  "
             f"{status}")
     log(f"left to do: about {format_duration(total)}")

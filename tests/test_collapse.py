@@ -1,0 +1,59 @@
+"""The collapse guard on real catastrophic overfitting: FGSM-RS on MNIST (small_cnn, eps 0.3, batch 128, SGD
+lr 0.05 constant) collapses within its first epoch with a step of 1.5 eps (alpha 0.45); N-FGSM, made to avoid
+catastrophic overfitting, trains the same setting without collapsing. The guard must stop the first, keeping a
+pre-collapse best.pt, and stay silent on the second. Needs the MNIST files of ../shared/data (skipped without)."""
+
+import json
+
+import torch
+
+from backsmooth.accuracy import correct_under_attack, fraction, stratified_subset, to_unit_float
+from backsmooth.attacks import pgd
+from backsmooth.checkpoint import load_model
+from backsmooth.config import from_mapping
+from backsmooth.data import load_dataset
+from backsmooth.train import train
+
+SETTING = dict(dataset="mnist", arch="small_cnn", method="fgsm_rs", eps=0.3, batch_size=128, lr=0.05,
+               schedule="constant", epochs=1, val_size=1000, val_pgd_steps=0, final_eval_examples=0,
+               collapse_every=-1, on_collapse="stop", seed=0)
+
+
+def accuracies(path, data, n: int = 500) -> tuple[float, float]:
+    """Clean and PGD-5 (the guard's attack: step eps/4, random start) accuracy of a saved model on n stratified
+    MNIST test digits."""
+    model, _ = load_model(path, torch.device("cpu"))
+    index = stratified_subset(data.test.labels, n, 0)
+    images, labels = to_unit_float(data.test.images[index], torch.device("cpu")), data.test.labels[index]
+    attack = pgd(0.3, 0.075, 5, random_start=True)
+    return (fraction(correct_under_attack(model, images, labels)),
+            fraction(correct_under_attack(model, images, labels, attack, generator=torch.Generator().manual_seed(0))))
+
+
+def test_guard_stops_fgsm_rs_collapsing_on_mnist_and_keeps_the_pre_collapse_model(shared_data, tmp_path):
+    out = tmp_path / "collapsing"
+    summary = train(from_mapping(dict(SETTING, alpha=0.45, data_dir=str(shared_data), out=str(out))), progress=False)
+    event = summary["collapse"]
+    assert event is not None and event["action"] == "stop" and event["epoch"] == 1
+    assert event["guard_pgd_acc"] < 0.5 * event["guard_best"]
+    assert event["train_adv_acc"] >= event["train_adv_acc_at_best"] + 0.05
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows if r.get("event") != "guard"] == ["collapse"]
+    assert rows[-1]["event"] == "collapse" and rows[-2]["event"] == "guard"  # the check that saw it, then the event
+    # best.pt is the model of the guard's best check, before the collapse; last.pt the collapsed one
+    best_meta = torch.load(out / "best.pt", weights_only=True)["meta"]
+    assert best_meta["step"] < event["step"]
+    data = load_dataset("mnist", str(shared_data), val_size=1000)
+    # seen here: clean 87.2% and PGD-5 26.4% before (step 207), 36.2% and 11.0% after the collapse (step 345)
+    (clean_before, robust_before), (clean_after, robust_after) = (accuracies(out / f, data) for f in ("best.pt",
+                                                                                                    "last.pt"))
+    assert robust_before > robust_after + 0.08 and clean_before > clean_after, (robust_before, robust_after)
+
+
+def test_guard_is_silent_on_n_fgsm(shared_data, tmp_path):
+    out = tmp_path / "healthy"
+    summary = train(from_mapping(dict(SETTING, method="n_fgsm", data_dir=str(shared_data), out=str(out))),
+                    progress=False)
+    assert summary["collapse"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("event") for r in rows} == {None, "guard"} and rows[-1]["epoch"] == 1
