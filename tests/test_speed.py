@@ -36,6 +36,7 @@ def test_fp16_with_gradient_scaler_trains_without_nonfinite_losses(tmp_path):
                                precision="fp16", val_pgd_steps=1, final_eval_examples=0, out=str(tmp_path / "run")))
     train(config, progress=False)  # a non-finite loss would raise TrainingDiverged
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "event" not in r]  # the epochs (not the collapse guard's checks)
     assert all(math.isfinite(r["train_loss"]) and r["skipped_steps"] == 0 for r in rows)
     assert rows[-1]["val_clean_acc"] > 0.3  # learnt something in 20 steps (chance: 0.1)
 

@@ -22,8 +22,10 @@ def test_training_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
     expected = {"config.json", "metrics.jsonl", "checkpoint.pt", "last.pt", "best.pt", "summary.json"}
     assert expected <= {p.name for p in run.iterdir()}
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if "event" not in r]
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert {r["event"] for r in lines if "event" in r} <= {"guard"}  # the collapse guard's checks, nothing else
     for row in rows:
         assert {"lr", "train_loss", "train_kl", "train_seconds", "val_clean_acc", "val_pgd2_acc",
                 "images_per_second"} <= set(row)
