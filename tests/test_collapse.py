@@ -1,7 +1,7 @@
-"""The collapse guard on real catastrophic overfitting: FGSM-RS on MNIST (small_cnn, eps 0.3, batch 128, SGD
-lr 0.05 constant) collapses within its first epoch with a step of 1.5 eps (alpha 0.45); N-FGSM, made to avoid
-catastrophic overfitting, trains the same setting without collapsing. The guard must stop the first, keeping a
-pre-collapse best.pt, and stay silent on the second. Needs the MNIST files of ../shared/data (skipped without)."""
+"""The collapse guard on real catastrophic overfitting: FGSM-RS on MNIST (small_cnn, batch 128, SGD lr 0.05
+constant) at eps 0.3 with a step of 1.5 eps (alpha 0.45) collapses within its first epoch; at eps 0.1 (its default
+step, 1.25 eps) it trains robustly. The guard must stop the first, keeping a pre-collapse best.pt, and stay silent
+on the second while its own checks see the robustness. Needs the MNIST files of ../shared/data (skipped without)."""
 
 import json
 
@@ -50,10 +50,12 @@ def test_guard_stops_fgsm_rs_collapsing_on_mnist_and_keeps_the_pre_collapse_mode
     assert robust_before > robust_after + 0.08 and clean_before > clean_after, (robust_before, robust_after)
 
 
-def test_guard_is_silent_on_n_fgsm(shared_data, tmp_path):
+def test_guard_is_silent_on_a_healthy_run(shared_data, tmp_path):
     out = tmp_path / "healthy"
-    summary = train(from_mapping(dict(SETTING, method="n_fgsm", data_dir=str(shared_data), out=str(out))),
-                    progress=False)
+    summary = train(from_mapping(dict(SETTING, eps=0.1, data_dir=str(shared_data), out=str(out))), progress=False)
     assert summary["collapse"] is None
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("event") for r in rows} == {None, "guard"} and rows[-1]["epoch"] == 1
+    checks = [r["guard_pgd_acc"] for r in rows if r.get("event") == "guard"]
+    # not silent for want of robustness: the checks saw it (seen here: 86% to 95% under PGD-5)
+    assert len(checks) >= 10 and min(checks[len(checks) // 2:]) > 0.5

@@ -94,7 +94,8 @@ def render(study: Study, table: Sequence[EntryRow], command: str) -> str:
     header = ["entry", "method", "F/step", "seeds", "clean", *attacks, "worst case", "time/epoch",
               *(f"time vs {label}" for label in REFERENCES)]
     lines = [f"# Study: {study.title}", "", f"Command: `{command}`; spec: [spec.toml](../spec.toml).", "",
-             f"Protocol: {c.dataset}, {c.arch}, eps {eps_text(c.eps)}, {c.epochs} epochs (Free-AT: epochs / m), "
+             f"Protocol: {c.dataset}, {c.arch}, eps {eps_text(c.eps)}, {c.epochs} epoch{'s' * (c.epochs != 1)} "
+             f"(Free-AT: epochs / m), "
              f"batch {c.batch_size}, {c.schedule} lr {c.lr:g}, weight averaging {c.weight_averaging:g}, label "
              f"smoothing {c.label_smoothing:g}, {c.precision} on {c.device} (entries may override). Evaluation: "
              f"{', '.join(study.evaluation.attacks)} on {study.evaluation.n_examples} stratified test examples "
