@@ -119,6 +119,18 @@ def test_sigkill_mid_study_then_rerun_equals_uninterrupted(smoke, tmp_path):
     assert len(accuracies(out)) == 8
 
 
+def test_report_only_reports_the_finished_runs_and_trains_nothing(smoke, tmp_path):
+    out, first = smoke
+    assert first.returncode == 0, first.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(out / "runs" / "fgsm_rs-seed0", partial / "runs" / "fgsm_rs-seed0")  # one finished run
+    result = study(str(SMOKE), "--out", str(partial), "--report-only")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (partial / "runs").iterdir()) == ["fgsm_rs-seed0"]
+    (row, *_) = json.loads((partial / "report" / "study.json").read_text())["entries"]
+    assert row["entry"] == "fgsm_rs" and row["seeds"] == [0]
+
+
 def test_changed_spec_is_refused_and_changes_nothing(smoke, tmp_path, capsys):
     out, first = smoke
     assert first.returncode == 0, first.stderr

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="study folder (default runs/study/<spec name>); run it again to resume")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan with estimated times from a short bench here; run and write nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and evaluate nothing; write the report of the runs finished so far")
     parser.add_argument("--progress", action="store_true", help="progress bars of each run and evaluation")
 
 
@@ -26,7 +28,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     command = "backsmooth study " + shlex.join([args.spec, *(["--out", args.out] if args.out else [])])
     try:
-        result = execute(study, command, progress=True if args.progress else False,
+        result = execute(study, command, progress=True if args.progress else False, report_only=args.report_only,
                          log=lambda line: print(line, flush=True))
     except (Interrupted, KeyboardInterrupt):
         print(f"interrupted: finished work is saved in {study.out}; run the same command again to go on",

@@ -196,8 +196,10 @@ def _train(run: PlannedRun, progress: bool | None) -> bool:
     return True
 
 
-def execute(study: Study, command: str, *, progress: bool | None = False, log: Log = print) -> dict[str, Any]:
-    """Run what is left of the study and write its report; returns {"diverged": [...], "report": path or None}."""
+def execute(study: Study, command: str, *, progress: bool | None = False, report_only: bool = False,
+            log: Log = print) -> dict[str, Any]:
+    """Run what is left of the study (with `report_only`, nothing) and write the report of the runs finished so
+    far; returns {"diverged": [...], "report": path or None}."""
     check_existing(study)
     proc, _ = dist.setup(study.runs[0].config.device)
     lock = RunDirectory(study.out)
@@ -207,7 +209,7 @@ def execute(study: Study, command: str, *, progress: bool | None = False, log: L
         lock.lock()
         _write_spec(study)
     diverged: list[str] = []
-    for run in study.runs:
+    for run in () if report_only else study.runs:
         trained = dist.broadcast_object(is_trained(run), proc)
         if not trained:
             if proc.is_main:
@@ -223,7 +225,7 @@ def execute(study: Study, command: str, *, progress: bool | None = False, log: L
     dist.shutdown(proc)
     if not proc.is_main:
         return {"diverged": diverged, "report": None}
-    for run in study.runs:
+    for run in () if report_only else study.runs:
         if run.name not in diverged:
             _evaluate(run, study, plan, progress, log)
     finished = [r for r in study.runs if is_trained(r)]
