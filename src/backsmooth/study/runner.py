@@ -138,6 +138,13 @@ class Plan:
                 f"{evaluated}/{planned} evaluations done; now {now}; {eta}")
 
 
+def _bench_key(run: PlannedRun, plan: Plan) -> tuple[Any, ...]:
+    """What a bench rate depends on: runs that agree on it share one measurement."""
+    c = run.config
+    return (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
+            c.channels_last, plan.facts[run.name].image_shape)
+
+
 def dry_run(study: Study, log: Log) -> None:
     """Print the plan with an estimated time for each run from a short bench of its method here; write nothing."""
     plan = Plan.of(study)
@@ -147,8 +154,7 @@ def dry_run(study: Study, log: Log) -> None:
     log(f"{'run':<28} {'method':<20} {'epochs':>6} {'F/step':>6} {'train':>10} {'evaluate':>10}  status")
     for run in study.runs:
         c = run.config
-        key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
-               c.channels_last, plan.facts[run.name].image_shape)
+        key = _bench_key(run, plan)
         if key not in rates:
             rates[key] = bench_rate(c, plan.facts[run.name])
     # an attack step costs about what a training step of the same F does: one rate per architecture, the median
@@ -159,8 +165,7 @@ def dry_run(study: Study, log: Log) -> None:
     total = 0.0
     for run in study.runs:
         c = run.config
-        key = (c.arch, c.method, tuple(sorted(c.method_options.items())), c.batch_size, c.precision, c.device,
-               c.channels_last, plan.facts[run.name].image_shape)
+        key = _bench_key(run, plan)
         train, evaluation = plan.units[run.name]
         share = len(plan.evaluations_left(run)) / len(run.checkpoints)
         status = ("trained" if is_trained(run) else "resume" if (run_path(run) / "config.json").is_file()
