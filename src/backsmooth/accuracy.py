@@ -8,13 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import Perturbation, attack_mode
+from backsmooth.data import unit_float
 from backsmooth.runtime import autocast
 
 
 def to_unit_float(images: Tensor, device: torch.device) -> Tensor:
-    """uint8 images -> float32 in [0, 1] on `device`; float images pass through."""
+    """uint8 images -> float32 in [0, 1] on `device` (the same bits on every device); float images pass through."""
     images = images.to(device, non_blocking=True)
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    return unit_float(images) if images.dtype == torch.uint8 else images.float()
 
 
 def correct_under_attack(model: nn.Module, images: Tensor, labels: Tensor, attack: Perturbation | None = None,

@@ -42,12 +42,17 @@ class WeightAverage:
         """Fold the model's current weights and BatchNorm statistics into the average."""
         decay = decay_at(self.tau, self.updates)
         averaged = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        targets, values, counters, counts = [], [], [], []
         for name, value in (*model.named_parameters(), *model.named_buffers()):
-            target = averaged[name]
-            if target.is_floating_point():
-                target.mul_(decay).add_(value.detach(), alpha=1 - decay)
-            else:
-                target.copy_(value)
+            target, floating = averaged[name], averaged[name].is_floating_point()
+            (targets if floating else counters).append(target)
+            (values if floating else counts).append(value.detach())
+        # multi-tensor kernels: a few launches per step instead of two per tensor
+        if targets:
+            torch._foreach_mul_(targets, decay)
+            torch._foreach_add_(targets, values, alpha=1 - decay)
+        if counters:
+            torch._foreach_copy_(counters, counts)
         self.updates += 1
 
     @torch.no_grad()

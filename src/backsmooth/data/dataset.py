@@ -1,13 +1,29 @@
-"""In-memory datasets, the seeded stratified split, and per-channel statistics."""
+"""In-memory datasets, the seeded stratified split, per-channel statistics, and uint8 pixels as floats."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from backsmooth.errors import DataError
+
+# k / 255 for every pixel value, divided on the CPU: CUDA divides a tensor by a scalar as a multiplication by
+# the reciprocal, which differs from the true quotient in the last bit for 126 of the 256 values
+_UNIT_VALUES = torch.arange(256, dtype=torch.float32) / 255
+
+
+@functools.cache
+def _unit_table(device: torch.device) -> torch.Tensor:
+    return _UNIT_VALUES.to(device)
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1] (k -> k / 255 correctly rounded), bit-identical on every device,
+    so a CPU and a GPU run see the same inputs."""
+    return _unit_table(images.device)[images.long()]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from backsmooth.data.dataset import ArrayDataset
+from backsmooth.data.dataset import ArrayDataset, unit_float
 from backsmooth.errors import DataError
 
 AUGMENTS = ("none", "flip", "crop_flip")
@@ -66,30 +66,45 @@ class DeviceLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
-        for step in range(start_step, len(self)):
+        steps = range(start_step, len(self))
+        for step, draws in zip(steps, self._draws(epoch, steps)):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
             lo, hi = self.shard(len(batch))
             mine = batch[lo:hi]
-            x = self._augmented(self.images.index_select(0, mine), len(batch), lo, hi, epoch, step)
-            yield x.float().div_(255), self.labels.index_select(0, mine), mine
+            x = self.images.index_select(0, mine)
+            if draws is not None:
+                x = self._augmented(x, *draws)
+            yield unit_float(x), self.labels.index_select(0, mine), mine
 
     def shard(self, size: int) -> tuple[int, int]:
         """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
         return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
 
-    def _augmented(self, x: torch.Tensor, size: int, lo: int, hi: int, epoch: int, step: int) -> torch.Tensor:
-        """Augment this rank's uint8 images x (rows lo..hi of a global batch of `size`) with one gather.
+    def _draws(self, epoch: int, steps: range) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each step's flips and crop offsets for this rank's rows, on the device.
 
-        The random numbers are drawn for the whole global batch and then sliced, so they do not
-        depend on the number of ranks. Output pixel (i, j) is pixel (i + dy, j' + dx) of the image
-        padded by P zeros on each side, with j' = W - 1 - j if the image is flipped, else j.
+        They are drawn for the whole global batch from a CPU generator seeded by (seed, epoch, step) and then
+        sliced, so they do not depend on the number of ranks; the epoch's draws reach the device in one copy,
+        because a copy per step would make the host wait for the device's queue at every step.
         """
-        if self.augment == "none":
-            return x
-        generator = _generator(self.seed, epoch, step)
-        flip = (torch.rand(size, generator=generator) < 0.5)[lo:hi].to(self.device)
+        if self.augment == "none" or not steps:
+            return [None] * len(steps)
         pad = CROP_PADDING if self.augment == "crop_flip" else 0
-        offsets = torch.randint(0, 2 * pad + 1, (2, size), generator=generator)[:, lo:hi].to(self.device)
+        flips, offsets = [], []
+        for step in steps:
+            size = min(self.batch_size, len(self.labels) - step * self.batch_size)
+            lo, hi = self.shard(size)
+            generator = _generator(self.seed, epoch, step)
+            flips.append((torch.rand(size, generator=generator) < 0.5)[lo:hi])
+            offsets.append(torch.randint(0, 2 * pad + 1, (2, size), generator=generator)[:, lo:hi])
+        counts = [len(flip) for flip in flips]
+        flips_here, offsets_here = torch.cat(flips).to(self.device), torch.cat(offsets, 1).to(self.device)
+        return list(zip(flips_here.split(counts), offsets_here.split(counts, 1)))
+
+    def _augmented(self, x: torch.Tensor, flip: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flip and crop this rank's uint8 images x with one gather: output pixel (i, j) is pixel
+        (i + dy, j' + dx) of the image padded by P zeros on each side, with j' = W - 1 - j if flipped, else j."""
+        pad = CROP_PADDING if self.augment == "crop_flip" else 0
         height, width = x.shape[2:]
         if pad:
             x = torch.nn.functional.pad(x, (pad, pad, pad, pad))
