@@ -257,11 +257,17 @@ def _worst_case(results: Sequence[tuple[set[str], float | None]],
     return (min(known) if known else None), True, None
 
 
+def is_reference(settings: dict[str, Any], like: dict[str, Any], method: str, steps: int | None = None) -> bool:
+    """Whether a run with flat `settings` can be the time reference `method` (with `steps` attack steps when
+    given; a run that does not set them has the default) for a run with flat settings `like`: only runs
+    with the same architecture, dataset and batch size are compared."""
+    return (settings["method"] == method and (steps is None or settings.get("steps", steps) == steps)
+            and all(settings[k] == like[k] for k in ("arch", "dataset", "batch_size")))
+
+
 def _trades10_seconds(run: RunData, runs: Sequence[RunData]) -> float | None:
     """Mean per-epoch time of the TRADES-10 runs with the run's architecture, dataset and batch size."""
-    same = ("arch", "dataset", "batch_size")
-    refs = [r.seconds_per_epoch for r in runs if r.settings["method"] == "trades" and r.metrics
-            and r.settings.get("steps") in (None, 10) and all(r.settings[k] == run.settings[k] for k in same)]
+    refs = [r.seconds_per_epoch for r in runs if r.metrics and is_reference(r.settings, run.settings, "trades", 10)]
     return statistics.fmean(refs) if refs else None
 
 

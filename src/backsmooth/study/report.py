@@ -12,6 +12,8 @@ from typing import Any
 from backsmooth.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from backsmooth.report import Row, build_report, build_rows, format_duration, read_run
 from backsmooth.report.plots import plot_tradeoff
+from backsmooth.report.read import flat_config
+from backsmooth.report.rows import is_reference
 from backsmooth.study.estimate import step_units
 from backsmooth.study.spec import PlannedRun, Study
 from backsmooth.units import eps_text
@@ -43,9 +45,8 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
     return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
 
 
-def _is_reference(run: PlannedRun, method: str, steps: int | None) -> bool:
-    options = run.config.method_options
-    return run.config.method == method and (steps is None or options.get("steps", steps) == steps)
+def _settings(run: PlannedRun) -> dict[str, Any]:
+    return flat_config(dataclasses.asdict(run.config))
 
 
 def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) -> list[EntryRow]:
@@ -62,9 +63,8 @@ def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) ->
         ratios: dict[str, float | None] = {}
         mine = statistics.fmean(per_epoch[r.name] for r in members if r.name in per_epoch)
         for label, (method, steps) in REFERENCES.items():
-            refs = [per_epoch[r.name] for r in runs if _is_reference(r, method, steps) and r.name in per_epoch
-                    and (r.config.arch, r.config.dataset, r.config.batch_size)
-                    == (first.config.arch, first.config.dataset, first.config.batch_size)]
+            refs = [per_epoch[r.name] for r in runs
+                    if r.name in per_epoch and is_reference(_settings(r), _settings(first), method, steps)]
             ratios[label] = mine / statistics.fmean(refs) if refs else None
         for checkpoint in (c for c in study.checkpoints() if c in first.checkpoints):
             found = [next((row for row in by_dir.get(str(r.config.out), []) if row.checkpoint == checkpoint
