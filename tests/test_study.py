@@ -143,6 +143,38 @@ def test_changed_spec_is_refused_and_changes_nothing(smoke, tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_an_added_attack_evaluates_again_and_changes_nothing_else(smoke, tmp_path, capsys):
+    reference, first = smoke
+    assert first.returncode == 0, first.stderr
+    out = tmp_path / "study"
+    shutil.copytree(reference, out)
+    before, old = snapshot(out / "runs"), accuracies(out)
+    added = tmp_path / "smoke.toml"
+    added.write_text(SMOKE.read_text().replace('attacks = ["pgd10"]', 'attacks = ["pgd10", "fgsm"]'))
+    assert main(["study", str(added), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "training" not in printed and printed.count("evaluating") == 4  # last.pt of each run; best.pt reuses it
+    after = snapshot(out / "runs")
+
+    def trained(files: dict[str, bytes]) -> dict[str, bytes]:
+        return {name: data for name, data in files.items() if "/eval-" not in name}
+
+    assert trained(after) == trained(before)
+    new = accuracies(out)
+    assert new.keys() == old.keys()
+    for key, found in new.items():
+        assert {k: found[k] for k in ("clean", "pgd10")} == old[key]  # seeded: the same numbers again
+        assert 0 <= found["fgsm"] <= found["clean"]
+    table = json.loads((out / "report" / "study.json").read_text())["entries"]
+    assert all(set(row["attacks"]) == {"pgd10", "fgsm"} for row in table)
+    dropped = tmp_path / "dropped.toml"
+    dropped.write_text(SMOKE.read_text().replace('attacks = ["pgd10"]', 'attacks = ["fgsm"]'))
+    assert main(["study", str(dropped), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "may add attacks, not drop" in err
+    assert snapshot(out / "runs") == after
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["study", str(SMOKE), "--out", str(out), "--dry-run"]) == 0

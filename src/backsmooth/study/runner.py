@@ -55,7 +55,8 @@ def eval_path(run: PlannedRun, checkpoint: str) -> Path:
 
 def check_existing(study: Study) -> None:
     """Refuse (one line, before anything runs) a study folder whose runs or evaluations were made with other
-    settings than the spec now asks for: a changed spec needs another --out."""
+    settings than the spec now asks for. Entries, seeds and attacks may be added; any other change needs another
+    --out."""
     if study.out.exists() and not study.out.is_dir():
         raise ConfigError(f"--out {study.out} is a file, not a folder; choose another --out")
     for run in study.runs:
@@ -68,16 +69,29 @@ def check_existing(study: Study) -> None:
             path = eval_path(run, checkpoint)
             if not path.is_file():
                 continue
-            try:
-                saved = json.loads(path.read_text())
-                settings, n_examples = saved["evaluation"]["settings"], saved["subset"]["n_examples"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path} is not an evaluation file of `backsmooth eval`; move it away") from None
-            wanted = (list(run.attacks), study.evaluation.n_examples, study.evaluation.seed)
-            if (settings.get("attacks"), n_examples, settings.get("seed")) != wanted:
+            attacks, n_examples, seed = _saved_evaluation(path)
+            if (n_examples, seed) != (study.evaluation.n_examples, study.evaluation.seed) \
+                    or not set(attacks) <= set(run.attacks):
                 raise ConfigError(f"{path} was evaluated with other attacks, example count or seed than the spec "
-                                  f"asks ({', '.join(run.attacks)} on {study.evaluation.n_examples}); "
-                                  f"restore the spec or pass another --out")
+                                  f"asks ({', '.join(run.attacks)} on {study.evaluation.n_examples}); a spec may add "
+                                  f"attacks, not drop or change them: restore the spec or pass another --out")
+
+
+def _saved_evaluation(path: Path) -> tuple[list[str], int, int]:
+    """The attacks, example count and seed of an eval file."""
+    try:
+        saved = json.loads(path.read_text())
+        settings, n_examples = saved["evaluation"]["settings"], saved["subset"]["n_examples"]
+        return list(settings["attacks"]), n_examples, settings["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not an evaluation file of `backsmooth eval`; move it away") from None
+
+
+def is_evaluated(run: PlannedRun, checkpoint: str) -> bool:
+    """Whether the checkpoint's eval file exists and ran every attack the spec asks (a spec may add attacks:
+    then the checkpoint is evaluated again with all of them, and its file replaced when that is done)."""
+    path = eval_path(run, checkpoint)
+    return path.is_file() and set(_saved_evaluation(path)[0]) == set(run.attacks)
 
 
 @dataclasses.dataclass
@@ -101,7 +115,7 @@ class Plan:
         return cls(study, {r.name: run_units(r, study, facts[r.name]) for r in study.runs}, facts)
 
     def evaluations_left(self, run: PlannedRun) -> list[str]:
-        return [c for c in run.checkpoints if not eval_path(run, c).is_file()]
+        return [c for c in run.checkpoints if not is_evaluated(run, c)]
 
     def measured_rates(self) -> dict[str, float]:
         """Seconds per F per example, by architecture, from the runs trained so far."""
@@ -246,9 +260,9 @@ def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, 
     if not is_trained(run):
         return
     for checkpoint in plan.evaluations_left(run):
-        twin = eval_path(run, "best" if checkpoint == "last" else "last")
-        if twin.is_file() and _same_file(run_path(run) / "best.pt", run_path(run) / "last.pt"):
-            data = json.loads(twin.read_text())
+        twin = "best" if checkpoint == "last" else "last"
+        if is_evaluated(run, twin) and _same_file(run_path(run) / "best.pt", run_path(run) / "last.pt"):
+            data = json.loads(eval_path(run, twin).read_text())
             data["name"] = checkpoint
             data["checkpoint"] = dict(data["checkpoint"], path=str(run_path(run) / f"{checkpoint}.pt"),
                                       same_weights_as=data["checkpoint"]["path"])
