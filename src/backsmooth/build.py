@@ -59,15 +59,16 @@ def build_loader(config: RunConfig, data: DatasetSplits, proc: dist.ProcessInfo,
 def sharded_accuracy(model: nn.Module, images: Tensor, labels: Tensor, eps: float, pgd_steps: int,
                      proc: dist.ProcessInfo, device: torch.device, *, batch_size: int, precision: str,
                      seed: int) -> tuple[float, float]:
-    """Clean and PGD-`pgd_steps` accuracy (step 2/255, random start, seeded by `seed` and rank) of `model`,
-    each rank attacking its shard of the images; NaN for an empty set (robust: also when pgd_steps is 0)."""
+    """Clean and PGD-`pgd_steps` accuracy (step eps/4 as in `backsmooth eval`, random start, seeded by `seed`
+    and rank) of `model`, each rank attacking its shard of the images; NaN for an empty set (robust: also when
+    pgd_steps is 0)."""
     shard = slice(proc.rank, None, proc.world_size)
     images, labels = images[shard], labels[shard]
     clean = correct_under_attack(model, images, labels, batch_size=batch_size, precision=precision)
     robust = clean
     if pgd_steps:
         generator = torch.Generator(device).manual_seed(seed + proc.rank)
-        attack = pgd(eps, 2 / 255, pgd_steps, random_start=True)
+        attack = pgd(eps, eps / 4, pgd_steps, random_start=True)
         robust = clean & correct_under_attack(model, images, labels, attack, generator=generator,
                                               batch_size=batch_size, precision=precision)
     counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64, device=device)

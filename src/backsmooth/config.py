@@ -67,7 +67,7 @@ class RunConfig:
     rollback_factor: float = _field(0.5, "--on-collapse rollback: factor on the method's attack step size alpha")
     schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: "
                                     f"{', '.join(schedules.SCHEDULES)}")
-    # validation each epoch: clean and PGD-`val_pgd_steps` (step 2/255) on the validation split
+    # validation each epoch: clean and PGD-`val_pgd_steps` (step eps/4) on the validation split
     val_pgd_steps: int = _field(20, "PGD steps of the per-epoch validation (0: clean accuracy only)")
     eval_batch_size: int = _field(256)
     # after training: clean and PGD-20 of the last and best models on a stratified test subset (0: skip)

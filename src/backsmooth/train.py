@@ -250,7 +250,7 @@ class Trainer:
                 f"or pass --on-nonfinite skip")
 
     def _accuracy(self, images: Tensor, labels: Tensor, pgd_steps: int) -> tuple[float, float]:
-        """Clean and PGD-`pgd_steps` accuracy (step 2/255, random start, fixed seed), sharded over ranks."""
+        """Clean and PGD-`pgd_steps` accuracy (step eps/4, random start, fixed seed), sharded over ranks."""
         return sharded_accuracy(self.eval_net, images, labels, self.config.eps, pgd_steps, self.proc, self.device,
                                 batch_size=self.config.eval_batch_size, precision=self.config.precision,
                                 seed=self.config.seed)
