@@ -44,7 +44,8 @@ class WeightAverage:
         averaged = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
         targets, values, counters, counts = [], [], [], []
         for name, value in (*model.named_parameters(), *model.named_buffers()):
-            target, floating = averaged[name], averaged[name].is_floating_point()
+            target = averaged[name]
+            floating = target.is_floating_point()
             (targets if floating else counters).append(target)
             (values if floating else counts).append(value.detach())
         # multi-tensor kernels: a few launches per step instead of two per tensor

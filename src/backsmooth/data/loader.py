@@ -49,6 +49,7 @@ class DeviceLoader:
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.padding = CROP_PADDING if augment == "crop_flip" else 0
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
     def __len__(self) -> int:
@@ -89,14 +90,13 @@ class DeviceLoader:
         """
         if self.augment == "none" or not steps:
             return [None] * len(steps)
-        pad = CROP_PADDING if self.augment == "crop_flip" else 0
         flips, offsets = [], []
         for step in steps:
             size = min(self.batch_size, len(self.labels) - step * self.batch_size)
             lo, hi = self.shard(size)
             generator = _generator(self.seed, epoch, step)
             flips.append((torch.rand(size, generator=generator) < 0.5)[lo:hi])
-            offsets.append(torch.randint(0, 2 * pad + 1, (2, size), generator=generator)[:, lo:hi])
+            offsets.append(torch.randint(0, 2 * self.padding + 1, (2, size), generator=generator)[:, lo:hi])
         counts = [len(flip) for flip in flips]
         flips_here, offsets_here = torch.cat(flips).to(self.device), torch.cat(offsets, 1).to(self.device)
         return list(zip(flips_here.split(counts), offsets_here.split(counts, 1)))
@@ -104,7 +104,7 @@ class DeviceLoader:
     def _augmented(self, x: torch.Tensor, flip: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Flip and crop this rank's uint8 images x with one gather: output pixel (i, j) is pixel
         (i + dy, j' + dx) of the image padded by P zeros on each side, with j' = W - 1 - j if flipped, else j."""
-        pad = CROP_PADDING if self.augment == "crop_flip" else 0
+        pad = self.padding
         height, width = x.shape[2:]
         if pad:
             x = torch.nn.functional.pad(x, (pad, pad, pad, pad))

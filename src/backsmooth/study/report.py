@@ -45,15 +45,12 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
     return statistics.fmean(known), statistics.stdev(known) if len(known) > 1 else 0.0
 
 
-def _settings(run: PlannedRun) -> dict[str, Any]:
-    return flat_config(dataclasses.asdict(run.config))
-
-
 def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) -> list[EntryRow]:
     """The study table: entries in spec order, checkpoints in the evaluation's order."""
     by_dir = {row_key: [r for r in rows if r.run_dir == row_key] for row_key in {r.run_dir for r in rows}}
     seconds = {run.name: next(iter(by_dir.get(str(run.config.out), [])), None) for run in runs}
     per_epoch = {name: row.seconds_per_epoch for name, row in seconds.items() if row is not None}
+    settings = {run.name: flat_config(dataclasses.asdict(run.config)) for run in runs}  # flat, as the report's
     result = []
     for entry in study.entries():
         members = [r for r in runs if r.entry == entry]
@@ -64,7 +61,7 @@ def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) ->
         mine = statistics.fmean(per_epoch[r.name] for r in members if r.name in per_epoch)
         for label, (method, steps) in REFERENCES.items():
             refs = [per_epoch[r.name] for r in runs
-                    if r.name in per_epoch and is_reference(_settings(r), _settings(first), method, steps)]
+                    if r.name in per_epoch and is_reference(settings[r.name], settings[first.name], method, steps)]
             ratios[label] = mine / statistics.fmean(refs) if refs else None
         for checkpoint in (c for c in study.checkpoints() if c in first.checkpoints):
             found = [next((row for row in by_dir.get(str(r.config.out), []) if row.checkpoint == checkpoint
