@@ -106,14 +106,15 @@ within 10000 45 "${BSM[@]}" study "$RES/gpu-short.toml" --out "$RES/study" 2>&1 
 snapshot
 
 say "4. AutoAttack, then the wrn34_10 compile bench, with what is left"
-if python3 -c "import pyautoattack" 2>/dev/null || python3 -c "import autoattack" 2>/dev/null; then
+# the adapter owns the list of AutoAttack packages; on failure its one-line install hint is the last line
+if missing=$(python3 -c "from backsmooth.autoattack_adapter import autoattack_module; autoattack_module()" 2>&1); then
   for method in backward_smoothing trades; do
     within 10000 15 "${BSM[@]}" eval "$RES/study/runs/$method-seed0/best.pt" --attacks autoattack --n-examples 1000 \
       --batch-size 500 --name "$method-best" --out "$RES/autoattack" --no-progress 2>&1 | tee -a "$RES/autoattack.log"
     snapshot
   done
 else
-  say "AutoAttack skipped: neither pyautoattack nor autoattack can be imported here (pip install pyautoattack)"
+  say "AutoAttack skipped: ${missing##*$'\n'}"
 fi
 within 10000 5 "${BSM[@]}" bench --arch wrn34_10 "${BENCH[@]}" "${BF16[@]}" --compile \
   --methods natural,backward_smoothing,trades --json "$RES/bench_wrn34_10_gpu_bf16_cl_compile.json"
