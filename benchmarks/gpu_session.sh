@@ -107,7 +107,7 @@ snapshot
 
 say "4. AutoAttack, then the wrn34_10 compile bench, with what is left"
 # the adapter owns the list of AutoAttack packages; on failure its one-line install hint is the last line
-if missing=$(python3 -c "from backsmooth.autoattack_adapter import autoattack_module; autoattack_module()" 2>&1); then
+if missing=$(python3 -c "from backsmooth.attacks.autoattack import autoattack_module; autoattack_module()" 2>&1); then
   for method in backward_smoothing trades; do
     within 10000 15 "${BSM[@]}" eval "$RES/study/runs/$method-seed0/best.pt" --attacks autoattack --n-examples 1000 \
       --batch-size 500 --name "$method-best" --out "$RES/autoattack" --no-progress 2>&1 | tee -a "$RES/autoattack.log"

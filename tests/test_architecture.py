@@ -73,3 +73,41 @@ def test_the_repository_stands_alone():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in set(texts) for i, line in enumerate(p.read_text().splitlines(), 1)
             if outside.search(line)]
     assert hits == []
+
+
+MAX_TOP_LEVEL = 12
+
+
+def _layers() -> dict[str, int]:
+    """The layer of each top-level module or package, read from the diagram in docs/extending.md."""
+    text = (ROOT / "docs" / "extending.md").read_text()
+    block = text.split("## How the code is layered", 1)[1].split("\n\n")[2]
+    layers: dict[str, int] = {}
+    for depth, line in enumerate(block.strip().splitlines()):
+        for name in line.strip().removeprefix("->").split(","):
+            layers[name.strip()] = depth
+    return layers
+
+
+def _unit(module: str) -> str:
+    """The top-level module or package a module belongs to (backsmooth.training.state -> training)."""
+    return module.split(".")[1]
+
+
+def test_the_layering_diagram_matches_the_imports():
+    layers = _layers()
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"}
+    units = {_unit(name) for name in files}
+    assert units == set(layers), f"diagram and package differ: {sorted(units ^ set(layers))}"
+    upward = []
+    for name, path in files.items():
+        for imported in _imports(path, set(files) | {"backsmooth"})[0] - {"backsmooth"}:
+            source, target = _unit(name), _unit(imported)
+            if source != target and layers[target] >= layers[source]:
+                upward.append(f"{name} imports {imported}")
+    assert upward == [], f"imports against the diagram in docs/extending.md: {upward}"
+
+
+def test_few_modules_at_the_top_level():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules at the top level of src/backsmooth: {top}"

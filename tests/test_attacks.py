@@ -6,7 +6,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from backsmooth import attacks
-from backsmooth.attacks import Perturbation, attack_mode, ce_loss, kl_loss, project, zero_init
+from backsmooth.attacks import (
+    AttackSpec,
+    Momentum,
+    Perturbation,
+    SignStep,
+    attack_mode,
+    ce_loss,
+    kl_loss,
+    parse_attack,
+    project,
+    uniform_init,
+    zero_init,
+)
 
 
 class Linear(nn.Module):
@@ -128,3 +140,63 @@ def test_kl_loss_matches_definition_and_survives_underflow():
     q_logits = torch.tensor([[1.0, 2.0, 0.5]])
     expected = (p * (p.log() - F.log_softmax(q_logits, dim=1))).sum(1)
     torch.testing.assert_close(kl_loss(q_logits, p.log()), expected)
+
+
+# --------------------------------------------------------------------------- step rules
+
+
+def test_default_step_rule_is_the_sign_step_bitwise():
+    """Without a rule, with the explicit default, and as a hand-written sign-PGD loop: the same bits."""
+    torch.manual_seed(0)
+    model = small_bn_model().eval()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    eps, step, steps = 8 / 255, 2 / 255, 5
+    implicit = Perturbation(ce_loss, uniform_init, eps, step, steps)(model, x, y, torch.Generator().manual_seed(2))
+    explicit = Perturbation(ce_loss, uniform_init, eps, step, steps, SignStep())(model, x, y,
+                                                                                torch.Generator().manual_seed(2))
+    by_hand = uniform_init(model, x, y, eps, torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        by_hand.requires_grad_(True)
+        (grad,) = torch.autograd.grad(ce_loss(model(by_hand), y).sum(), by_hand)
+        by_hand = project(by_hand.detach() + step * grad.sign(), x, eps)
+    assert torch.equal(implicit.x_adv, explicit.x_adv) and torch.equal(implicit.start_loss, explicit.start_loss)
+    assert torch.equal(implicit.x_adv, by_hand)
+    assert torch.equal(parse_attack("pgd20").build(eps, step)(model, x, y, torch.Generator().manual_seed(2)).x_adv,
+                       Perturbation(ce_loss, uniform_init, eps, step, 20, SignStep())(
+                           model, x, y, torch.Generator().manual_seed(2)).x_adv)
+
+
+def test_momentum_rule_is_mi_fgsm():
+    """Momentum(mu) against a hand-written MI-FGSM loop (Dong et al. 2018) on the linear model; with mu = 0 it
+    is the sign step again, and with mu = 1 the momentum changes where the attack goes."""
+    model = Linear()
+    x, y = torch.rand(8, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+    eps, steps, mu = 0.3, 10, 1.0
+    alpha = eps / steps
+    ours = Perturbation(ce_loss, zero_init, eps, alpha, steps, Momentum(mu))(model, x, y).x_adv
+    g, by_hand = torch.zeros_like(x), x.clone()
+    for _ in range(steps):
+        by_hand.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(by_hand), y, reduction="sum"), by_hand)
+        g = mu * g + grad / grad.abs().sum(dim=(1, 2, 3), keepdim=True)
+        by_hand = torch.min(torch.max(by_hand.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(ours, by_hand, rtol=0, atol=0)
+    sign = Perturbation(ce_loss, zero_init, eps, alpha, steps)(model, x, y).x_adv
+    assert torch.equal(Perturbation(ce_loss, zero_init, eps, alpha, steps, Momentum(0.0))(model, x, y).x_adv, sign)
+    assert not torch.equal(ours, sign)
+
+
+def test_momentum_rule_survives_a_zero_gradient():
+    model = Linear()
+    with torch.no_grad():
+        model.fc.weight.zero_()  # constant logits: the input gradient is exactly zero
+    x, y = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(Perturbation(ce_loss, zero_init, 0.1, 0.05, 3, Momentum())(model, x, y).x_adv, x)
+
+
+def test_attack_spec_is_either_built_or_run_through_autoattack():
+    assert not parse_attack("pgd20").runs_in_package and parse_attack("autoattack").runs_in_package
+    with pytest.raises(ValueError, match="exactly one"):
+        AttackSpec("nothing", "none")
+    with pytest.raises(ValueError, match="exactly one"):
+        AttackSpec("both", "none", components=("apgd-ce",), make=lambda spec, eps, step: None)

@@ -7,12 +7,12 @@ import json
 
 import torch
 
-from backsmooth.accuracy import correct_under_attack, fraction, stratified_subset, to_unit_float
 from backsmooth.attacks import pgd
 from backsmooth.checkpoint import load_model
 from backsmooth.config import from_mapping
 from backsmooth.data import load_dataset
-from backsmooth.train import train
+from backsmooth.evaluation.accuracy import correct_under_attack, fraction, stratified_subset, to_unit_float
+from backsmooth.training import train
 
 SETTING = dict(dataset="mnist", arch="small_cnn", method="fgsm_rs", eps=0.3, batch_size=128, lr=0.05,
                schedule="constant", epochs=1, val_size=1000, val_pgd_steps=0, final_eval_examples=0,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backsmooth import autoattack_adapter, checkpoint, cli, models
+from backsmooth import checkpoint, cli, models
+from backsmooth.attacks import autoattack
 from backsmooth.errors import BacksmoothError, ConfigError
 from backsmooth.evaluation import (
     AttackSpec,
@@ -105,9 +106,9 @@ def test_pgd_without_random_start_matches_torchattacks(model, digits):
     x_adv = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=20, random_start=False)(x, y)
     with torch.no_grad():
         theirs = (model(x_adv).argmax(1) == y) & ours.per_example["clean"]
-    assert 0.2 < ours["per_attack"]["pgd20-norand"] < 0.9  # neither trivially robust nor trivially broken
+    assert 0.2 < ours.per_attack["pgd20-norand"] < 0.9  # neither trivially robust nor trivially broken
     assert (theirs == ours.per_example["pgd20-norand"]).float().mean() >= 0.99
-    assert abs(ours["per_attack"]["pgd20-norand"] - theirs.float().mean().item()) <= 0.01
+    assert abs(ours.per_attack["pgd20-norand"] - theirs.float().mean().item()) <= 0.01
 
 
 def test_pgd_with_random_start_agrees_with_torchattacks(model, digits):
@@ -119,9 +120,9 @@ def test_pgd_with_random_start_agrees_with_torchattacks(model, digits):
     x_adv = torchattacks.PGD(model, eps=EPS, alpha=EPS / 4, steps=20, random_start=True)(x, y)
     with torch.no_grad():
         theirs = ((model(x_adv).argmax(1) == y) & ours.per_example["clean"]).float().mean().item()
-    assert 0.2 < ours["per_attack"]["pgd20"] < 0.9
-    assert abs(ours["per_attack"]["pgd20"] - theirs) <= 0.01
-    assert ours["n_examples"] == 1797 and ours["attacks"]["pgd20"]["settings"]["steps"] == 20
+    assert 0.2 < ours.per_attack["pgd20"] < 0.9
+    assert abs(ours.per_attack["pgd20"] - theirs) <= 0.01
+    assert ours.n_examples == 1797 and ours.attacks["pgd20"]["settings"]["steps"] == 20
 
 
 def test_worst_case_is_pointwise():
@@ -137,21 +138,26 @@ def test_result_is_the_worst_case_of_its_attacks(model, digits):
     result = evaluate(model, x, y, EPS, "pgd20,cw20,fgsm", batch_size=64, progress=False)
     flags = result.per_example
     both = flags["clean"] & flags["pgd20"] & flags["cw20"] & flags["fgsm"]
-    assert result["robust_acc"] == both.sum().item() / 200
-    assert result["robust_acc"] <= min(result["per_attack"].values()) <= result["clean_acc"]
-    assert result["clean_acc"] == flags["clean"].sum().item() / 200
-    assert result["settings"]["step_size"] == EPS / 4 and result["settings"]["attacks"] == ["pgd20", "cw20", "fgsm"]
-    assert result["flags"] == []
+    assert result.robust_acc == both.sum().item() / 200
+    assert result.robust_acc <= min(result.per_attack.values()) <= result.clean_acc
+    assert result.clean_acc == flags["clean"].sum().item() / 200
+    assert result.settings["step_size"] == EPS / 4 and result.settings["attacks"] == ["pgd20", "cw20", "fgsm"]
+    assert result.flags == []
     info = model_info(result, "m", "small_cnn", "digits")
-    assert info["clean_acc"] == f"{100 * result['clean_acc']:.2f}" and "autoattack_acc" not in info
+    assert info["clean_acc"] == f"{100 * result.clean_acc:.2f}" and "autoattack_acc" not in info
     json.dumps(info)  # every field is JSON
+    written = result.to_json()
+    assert list(written) == ["n_examples", "eps", "clean_acc", "robust_acc", "per_attack", "attacks", "settings",
+                             "self_checks", "flags", "autoattack_warnings", "batches", "seconds"]  # no per_example
+    assert written["robust_acc"] == result.robust_acc and written["attacks"]["fgsm"]["settings"]["step_size"] == EPS
+    assert model_info(written, "m", "small_cnn", "digits") == info  # a plain dict of the same keys works too
 
 
 def test_eps_zero_reproduces_clean_accuracy(model, digits):
     x, y = held_out(digits, 100)
     result = evaluate(model, x, y, 0.0, "pgd20,cw20", progress=False)
-    assert result["per_attack"] == {"pgd20": result["clean_acc"], "cw20": result["clean_acc"]}
-    assert "eps0_not_clean" not in result["flags"]
+    assert result.per_attack == {"pgd20": result.clean_acc, "cw20": result.clean_acc}
+    assert "eps0_not_clean" not in result.flags
 
 
 # --------------------------------------------------------------------------- self-checks
@@ -193,8 +199,8 @@ def test_healthy_model_is_not_flagged(model, digits, seed):
     """Random-start noise moves a few of 150 examples between PGD-20 and PGD-40; that is not evidence."""
     x, y = held_out(digits, 150)
     result = evaluate(model, x, y, EPS, "pgd20,pgd40,fgsm", batch_size=75, seed=seed, progress=False)
-    assert result["flags"] == [], [c["message"] for c in result["self_checks"] if c["flagged"]]
-    checks = {c["name"] for c in result["self_checks"]}
+    assert result.flags == [], [c["message"] for c in result.self_checks if c["flagged"]]
+    checks = {c["name"] for c in result.self_checks}
     assert {"outputs_probabilities", "zero_input_gradients", "nondeterministic", "eps0_not_clean",
             "robust_above_clean", "more_steps_higher_accuracy", "attack_not_converged", "fgsm_beats_pgd"} == checks
 
@@ -221,12 +227,12 @@ def test_attack_that_needs_more_steps_is_flagged():
     y = torch.arange(200) % 2
     x = (0.5 + torch.where(y == 1, margins, -margins)).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
     result = evaluate(SlowSlope().eval(), x, y, EPS, "pgd20,pgd100", step_size=EPS / 50, progress=False)
-    assert result["clean_acc"] == 1.0
-    assert result["per_attack"]["pgd100"] < result["per_attack"]["pgd20"] - 0.2
-    check = next(c for c in result["self_checks"] if c["name"] == "attack_not_converged")
-    assert check.get("flagged") and result["flags"] == ["attack_not_converged"]
+    assert result.clean_acc == 1.0
+    assert result.per_attack["pgd100"] < result.per_attack["pgd20"] - 0.2
+    check = next(c for c in result.self_checks if c["name"] == "attack_not_converged")
+    assert check.get("flagged") and result.flags == ["attack_not_converged"]
     assert "pgd100 minus pgd20" in check["message"] and "exact McNemar p = " in check["message"]
-    assert check["value"] == pytest.approx(100 * (result["per_attack"]["pgd20"] - result["per_attack"]["pgd100"]))
+    assert check["value"] == pytest.approx(100 * (result.per_attack["pgd20"] - result.per_attack["pgd100"]))
 
 
 def test_exact_tests_match_their_closed_forms():
@@ -244,18 +250,18 @@ def test_exact_tests_match_their_closed_forms():
 def test_gradient_masking_model_is_flagged(model, digits):
     x, y = held_out(digits, 150)
     masked = evaluate(Quantised(model).eval(), x, y, EPS, "pgd20", progress=False)
-    assert "zero_input_gradients" in masked["flags"]
-    check = next(c for c in masked["self_checks"] if c["name"] == "zero_input_gradients")
+    assert "zero_input_gradients" in masked.flags
+    check = next(c for c in masked.self_checks if c["name"] == "zero_input_gradients")
     assert check["value"] == 1.0 and "non-differentiable" in check["message"]
     # PGD cannot move it, so its number looks far better than the healthy model's: the flag is the warning
     healthy = evaluate(model, x, y, EPS, "pgd20", progress=False)
-    assert masked["per_attack"]["pgd20"] > healthy["per_attack"]["pgd20"] + 0.2
+    assert masked.per_attack["pgd20"] > healthy.per_attack["pgd20"] + 0.2
 
 
 def test_probability_outputs_and_randomness_are_flagged(model, digits):
     x, y = held_out(digits, 100)
-    assert "outputs_probabilities" in evaluate(Softmaxed(model).eval(), x, y, EPS, "fgsm", progress=False)["flags"]
-    noisy = evaluate(Noisy(model).eval(), x, y, EPS, "fgsm", progress=False)["flags"]
+    assert "outputs_probabilities" in evaluate(Softmaxed(model).eval(), x, y, EPS, "fgsm", progress=False).flags
+    noisy = evaluate(Noisy(model).eval(), x, y, EPS, "fgsm", progress=False).flags
     assert "nondeterministic" in noisy and "eps0_not_clean" in noisy
 
 
@@ -264,6 +270,34 @@ def _flags(n_true: int, n: int = 400, offset: int = 0) -> torch.Tensor:
     flags = torch.zeros(n, dtype=torch.bool)
     flags[offset:offset + n_true] = True
     return flags
+
+
+def test_registered_families_say_which_comparisons_they_join():
+    def roles(name: str) -> tuple[bool, bool, bool, bool]:
+        spec = parse_attack(name)
+        return spec.iterative, spec.single_step, spec.single_step_reference, spec.runs_in_package
+
+    assert roles("pgd20") == roles("pgd20x3") == roles("pgd20-norand") == (True, False, True, False)
+    assert roles("cw20") == (True, False, False, False)
+    assert roles("fgsm") == (False, True, False, False)
+    assert roles("autoattack") == roles("autoattack-apgd") == (False, False, False, True)
+
+
+def test_an_attack_joins_the_comparisons_its_spec_names():
+    """A user's family joins the more-steps pairs with `iterative=True`, and FGSM's check with
+    `single_step_reference=True`; without the flags it joins neither, whatever its kind is called."""
+    def spec(name: str, steps: int, **roles: bool) -> AttackSpec:
+        return AttackSpec(name, "mine", steps, make=lambda s, eps, step: None, **roles)
+
+    clean, few, many = _flags(320), _flags(200), _flags(220)
+    per_example = {"mine20": few, "mine100": many, "fgsm": _flags(180)}
+    joined = {c.name for c in result_checks((spec("mine20", 20, iterative=True, single_step_reference=True),
+                                             spec("mine100", 100, iterative=True), parse_attack("fgsm")),
+                                            clean, per_example, {}, {})}
+    assert {"more_steps_higher_accuracy", "attack_not_converged", "fgsm_beats_pgd"} <= joined
+    alone = {c.name for c in result_checks((spec("mine20", 20), spec("mine100", 100), parse_attack("fgsm")),
+                                           clean, per_example, {}, {})}
+    assert alone == set()
 
 
 def test_accuracy_comparisons_need_size_and_evidence():
@@ -328,13 +362,13 @@ def test_autoattack_subset_runs_through_the_package(model, digits):
     pytest.importorskip("pyautoattack")
     x, y = held_out(digits, 24)
     result = evaluate(model, x, y, EPS, "pgd20,autoattack-apgd", batch_size=12, progress=False)
-    report = result["attacks"]["autoattack-apgd"]
+    report = result.attacks["autoattack-apgd"]
     assert report["settings"]["package"].startswith("pyautoattack")
     assert list(report["after_component"]) == ["apgd-ce", "apgd-t"]
-    assert report["after_component"]["apgd-t"] <= report["after_component"]["apgd-ce"] <= result["clean_acc"]
-    assert result["per_attack"]["autoattack-apgd"] == report["after_component"]["apgd-t"]
-    assert result["per_attack"]["autoattack-apgd"] <= result["per_attack"]["pgd20"] + 0.1
-    assert "autoattack-apgd_far_below_pgd" in {c["name"] for c in result["self_checks"]}
+    assert report["after_component"]["apgd-t"] <= report["after_component"]["apgd-ce"] <= result.clean_acc
+    assert result.per_attack["autoattack-apgd"] == report["after_component"]["apgd-t"]
+    assert result.per_attack["autoattack-apgd"] <= result.per_attack["pgd20"] + 0.1
+    assert "autoattack-apgd_far_below_pgd" in {c["name"] for c in result.self_checks}
     assert torch.equal(result.per_example["autoattack-apgd"] & ~result.per_example["clean"],
                        torch.zeros(24, dtype=torch.bool))
 
@@ -343,23 +377,23 @@ def test_standard_autoattack_reports_every_component(model, digits):
     pytest.importorskip("pyautoattack")
     x, y = held_out(digits, 8)
     result = evaluate(model, x, y, EPS, "autoattack-apgd,autoattack", progress=False)
-    after = result["attacks"]["autoattack"]["after_component"]
+    after = result.attacks["autoattack"]["after_component"]
     assert list(after) == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert result["per_attack"]["autoattack-apgd"] == after["apgd-t"]  # shared components run once
-    assert result["batches"] == {"total": 5, "resumed": 0}
+    assert result.per_attack["autoattack-apgd"] == after["apgd-t"]  # shared components run once
+    assert result.batches == {"total": 5, "resumed": 0}
     assert list(after.values()) == sorted(after.values(), reverse=True)  # cumulative, as in the package
-    assert "square_beats_white_box" in {c["name"] for c in result["self_checks"]}
+    assert "square_beats_white_box" in {c["name"] for c in result.self_checks}
     info = model_info(result, "m", "small_cnn", "digits")
     assert info["autoattack_acc"] == f"{100 * after['square']:.2f}" and info["eps"] == "0.1"
 
 
 def test_missing_autoattack_package_gives_an_install_hint(model, digits, monkeypatch):
     def no_package(name: str, *args, **kwargs):
-        if name in autoattack_adapter.PACKAGES:
+        if name in autoattack.PACKAGES:
             raise ImportError(f"No module named {name!r}")
         return importlib.import_module(name, *args, **kwargs)
 
-    monkeypatch.setattr(autoattack_adapter.importlib, "import_module", no_package)
+    monkeypatch.setattr(autoattack.importlib, "import_module", no_package)
     x, y = held_out(digits, 4)
     with pytest.raises(BacksmoothError) as error:
         evaluate(model, x, y, EPS, "pgd20,autoattack", progress=False)
@@ -405,16 +439,16 @@ def test_killed_evaluation_resumes_to_the_same_result(model, digits, tmp_path):
 
     resumed = evaluate(model, x, y, EPS, ("pgd100", "cw20"), 20, seed=3, state_path=state, progress=False)
     fresh = evaluate(model, x, y, EPS, ("pgd100", "cw20"), 20, seed=3, progress=False)
-    assert resumed["batches"]["resumed"] == 12 + saved["pgd100"]["done"]  # clean and the finished pgd100 batches
+    assert resumed.batches["resumed"] == 12 + saved["pgd100"]["done"]  # clean and the finished pgd100 batches
     for name, flags in fresh.per_example.items():
         assert torch.equal(resumed.per_example[name], flags), name
-    assert (resumed["clean_acc"], resumed["robust_acc"], resumed["per_attack"]) == \
-        (fresh["clean_acc"], fresh["robust_acc"], fresh["per_attack"])
+    assert (resumed.clean_acc, resumed.robust_acc, resumed.per_attack) == \
+        (fresh.clean_acc, fresh.robust_acc, fresh.per_attack)
 
     with pytest.raises(ConfigError, match="different eps.*restart"):
         evaluate(model, x, y, 0.05, ("pgd100",), 20, seed=3, state_path=state, progress=False)
     assert evaluate(model, x, y, 0.05, ("fgsm",), 20, seed=3, state_path=state, restart=True,
-                    progress=False)["batches"]["resumed"] == 0
+                    progress=False).batches["resumed"] == 0
 
 
 # --------------------------------------------------------------------------- command line

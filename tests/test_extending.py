@@ -1,8 +1,11 @@
 """Extending backsmooth from outside the package: a method, an attack, a dataset and an architecture,
-each registered through the public API and run through `train`, `bench` and `eval`; and a method and
-an architecture named MODULE:CLASS / MODULE:FUNCTION on the command line (docs/extending.md)."""
+each registered through the public API and run through `train`, `bench` and `eval`; a method and an
+architecture named MODULE:CLASS / MODULE:FUNCTION on the command line; and the method example of
+docs/extending.md, added from a module of its own, against the generic method checks, label smoothing
+and an unknown floor cost (docs/extending.md)."""
 
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -11,12 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from method_checks import CHECKS, batch, check_label_smoothing, gen, tiny_model
 from torch import nn
 
 from backsmooth import attacks, cli, data, methods, models
-from backsmooth.attacks import AttackSpec, Perturbation, ce_loss, uniform_init
+from backsmooth.attacks import AttackSpec, Perturbation, ce_loss, pgd, uniform_init
+from backsmooth.config import RunConfig
+from backsmooth.errors import ConfigError
+from backsmooth.methods import registry as method_registry
+from backsmooth.study.estimate import counted_units, step_units
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
 QUICK = ["--epochs", "1", "--batch-size", "32", "--val-pgd-steps", "1", "--final-eval-examples", "40", "--no-progress"]
 
 
@@ -72,7 +82,6 @@ def registered():
     built-in registries (the removal reaches into the registries: users have no need to unregister)."""
     from backsmooth.attacks import registry as attack_registry
     from backsmooth.data import load as data_registry
-    from backsmooth.methods import registry as method_registry
     from backsmooth.models import _REGISTRY as model_registry
 
     methods.register(NoisyCE)
@@ -184,3 +193,113 @@ def test_method_and_architecture_from_a_user_module(tmp_path):
                               timeout=300)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert message in done.stderr and not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- the docs' method example, label smoothing
+
+
+def _docs_method_example() -> str:
+    """The training-method example of docs/extending.md, verbatim."""
+    section = (ROOT / "docs" / "extending.md").read_text().split("## A training method", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+PLAIN_CE = textwrap.dedent('''
+    import torch.nn.functional as F
+
+
+    @dataclasses.dataclass(frozen=True)
+    class PlainFGSM(TrainingMethod):
+        """The docs' example written with F.cross_entropy and without floor_units()."""
+        name = "plain_fgsm"
+        summary = "FGSM from a random start, loss by F.cross_entropy (user method)"
+        eps: float = 8 / 255
+
+        def __call__(self, model, x, y, generator=None, stats=None):
+            x_adv = pgd(self.eps, 1.25 * self.eps, 1)(model, x, y, generator).x_adv
+            return F.cross_entropy(model(x_adv), y)
+''')
+
+
+@pytest.fixture
+def user_methods(tmp_path, monkeypatch):
+    """user_code/my_methods.py: the docs' MyFGSM (registered when imported) and PlainFGSM, importable here and in
+    subprocesses; afterwards the method registry and sys.modules are as they were."""
+    folder = tmp_path / "user_code"
+    folder.mkdir()
+    (folder / "my_methods.py").write_text(_docs_method_example() + PLAIN_CE)
+    saved = dict(method_registry._REGISTRY)
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    sys.modules.pop("my_methods", None)
+    method_registry._REGISTRY.clear()
+    method_registry._REGISTRY.update(saved)
+
+
+def _train(folder: Path, out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
+    pytest.importorskip("sklearn")  # the digits
+    env = {"PYTHONPATH": f"{folder}:{SRC}", "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-m", "backsmooth", "train", "--dataset", "digits", "--arch", "small_cnn", "--epochs",
+               "1", "--method", method, "--final-eval-examples", "0", "--val-pgd-steps", "0", "--no-progress",
+               "--cache-dir", str(out.parent / "cache"), "--out", str(out), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
+def test_a_method_added_from_outside_passes_the_generic_checks(user_methods, check):
+    """The two-places way from a module of one's own: import it (the @register), then build it by name."""
+    assert "my_fgsm" not in methods.names()
+    importlib.import_module("my_methods")
+    assert "my_fgsm" in methods.names()
+    assert methods.build("my_fgsm", step=1.0).step == 1.0
+    check("my_fgsm")
+
+
+def test_the_docs_example_applies_label_smoothing(user_methods, tmp_path):
+    done = _train(user_methods, tmp_path / "run", "my_methods:MyFGSM", "--label-smoothing", "0.4")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["label_smoothing"] == 0.4
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+    importlib.import_module("my_methods")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))  # no BatchNorm: the loss is a function of x
+    x, y = batch()
+    loss = {s: methods.build("my_fgsm", label_smoothing=s)(model, x, y, generator=gen(3)) for s in (0.0, 0.4)}
+    logits = model(pgd(8 / 255, 1.25 * 8 / 255, 1)(model, x, y, gen(3)).x_adv)
+    torch.testing.assert_close(loss[0.4], F.cross_entropy(logits, y, label_smoothing=0.4))
+    torch.testing.assert_close(loss[0.0], F.cross_entropy(logits, y))
+    assert abs(loss[0.4].item() - loss[0.0].item()) > 0.01
+
+
+def test_a_method_that_bypasses_cross_entropy_is_refused_under_label_smoothing(user_methods, tmp_path):
+    done = _train(user_methods, tmp_path / "run", "my_methods:PlainFGSM", "--label-smoothing", "0.4")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert ("plain_fgsm computes its loss without TrainingMethod.cross_entropy, so --label-smoothing 0.4 would be "
+            "ignored; use self.cross_entropy(logits, y)") in done.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    plain = methods.method_class("my_methods:PlainFGSM")
+    x, y = batch()
+    assert plain()(tiny_model(), x, y, generator=gen(0)).isfinite()  # without label smoothing it is a fine method
+    with pytest.raises(ConfigError, match="without TrainingMethod.cross_entropy"):
+        check_label_smoothing("plain_fgsm")  # the generic check catches it
+
+
+def test_a_method_without_floor_units_benches_with_an_unknown_floor_and_is_estimated(user_methods, tmp_path, capsys):
+    plain = methods.method_class("my_methods:PlainFGSM")  # registers although it declares no floor
+    assert "plain_fgsm" in methods.names() and plain().floor_units() is None
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--methods", "my_methods:PlainFGSM,natural", "--arch", "small_cnn", "--batch-size", "8",
+                     "--image-size", "16", "--warmup", "0", "--repeats", "1", "--steps", "1", "--epoch-images", "0",
+                     "--json", str(out)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("my_methods:PlainFGSM"))
+    assert row.split()[-3:-1] == ["5", "?"]  # counted F: one input-gradient step and a training pass; floor unknown
+    saved = {r["method"]: r for r in json.loads(out.read_text())["rows"]}["my_methods:PlainFGSM"]
+    assert (saved["f_units"], saved["floor_f_units"]) == (5, None)
+
+    assert step_units(RunConfig(method="my_methods:PlainFGSM")) == 5  # the study estimate counts the passes
+    for name in methods.names():  # the estimate's probe counts what the declared floors say
+        floor = methods.build(name).floor_units()
+        assert floor is None or counted_units(name, ()) == floor, name

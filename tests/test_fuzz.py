@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from backsmooth import bench, cli, config  # noqa: E402
+from backsmooth import cli, config  # noqa: E402
 from backsmooth.evaluation.state import EvaluationState  # noqa: E402
-from backsmooth.train import Trainer  # noqa: E402
+from backsmooth.training import Trainer, bench  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BACKSMOOTH_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -9,7 +9,7 @@ import pytest
 
 from backsmooth.config import from_mapping
 from backsmooth.presets import preset
-from backsmooth.train import train
+from backsmooth.training import train
 
 pytest.importorskip("sklearn")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from method_checks import CHECKS, ForwardLog, batch, tiny_model
 
 from backsmooth import methods
 from backsmooth.attacks import kl_loss, predict_eval
@@ -12,41 +12,8 @@ from backsmooth.methods.backward_smoothing import backward_smoothing_start
 from backsmooth.methods.base import trades_loss
 
 EPS = 8 / 255
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 10)
-    )
-
-
-def batch(n: int = 16, interior: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 8, 8, generator=g)
-    if interior:
-        x = 0.25 + 0.5 * x  # far from the box so clamping never acts
-    return x, torch.randint(0, 10, (n,), generator=g)
-
-
-class ForwardLog:
-    """Records every forward call: (train mode?, grad enabled?, input)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.calls: list[tuple[bool, bool, torch.Tensor]] = []
-        model.register_forward_pre_hook(
-            lambda m, args: self.calls.append((m.training, torch.is_grad_enabled(), args[0].detach().clone()))
-        )
-
-    def counts(self) -> tuple[int, int, int]:
-        """(eval forwards without grad, eval forwards with grad, train-mode forwards)."""
-        no_grad = sum(1 for t, g, _ in self.calls if not t and not g)
-        attack = sum(1 for t, g, _ in self.calls if not t and g)
-        train = sum(1 for t, _, _ in self.calls if t)
-        return no_grad, attack, train
-
-
-# (no-grad clean forwards, input-gradient forwards, train-mode forwards): docs/algorithms.md#cost-in-forward-passes
+# (no-grad clean forwards, input-gradient forwards, train-mode forwards): docs/algorithms.md#cost-in-forward-passes;
+# tests/test_new_methods.py has the other methods' structure
 EXPECTED_PASSES = {
     "natural": (0, 0, 1),
     "pgd_at": (0, 10, 1),
@@ -58,62 +25,21 @@ EXPECTED_PASSES = {
 }
 
 
-def test_every_method_is_registered():
-    """The methods above, and today's efficient methods of tests/test_new_methods.py."""
-    todays = {"n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at"}
-    assert set(methods.names()) == set(EXPECTED_PASSES) | todays
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__)
+@pytest.mark.parametrize("name", methods.names())
+def test_every_registered_method_passes_the_generic_checks(name, check):
+    """tests/method_checks.py: passes against the declared floor, inputs in the ball and box, BatchNorm
+    statistics, reproducibility, label smoothing honoured or refused."""
+    check(name)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
-def test_pass_counts_match_the_floor(name):
+def test_pass_structure_of_the_first_methods(name):
     model = tiny_model().train()
     log = ForwardLog(model)
     x, y = batch()
-    loss = methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
+    methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
     assert log.counts() == EXPECTED_PASSES[name]
-    loss.backward()
-    assert log.counts() == EXPECTED_PASSES[name]  # the backward adds no forward
-    assert all(p.grad is not None for p in model.parameters())
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
-def test_every_input_the_model_sees_is_in_the_ball_and_box(name):
-    model = tiny_model().train()
-    log = ForwardLog(model)
-    x, y = batch()
-    x[:, 0] = 0.0
-    x[:, 1] = 1.0
-    methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
-    for _, _, seen in log.calls:
-        assert (seen - x).abs().max() <= EPS + 1e-6
-        assert seen.min() >= 0 and seen.max() <= 1
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
-def test_attacks_leave_batchnorm_statistics_to_the_training_forwards(name):
-    """Running stats change only through the train-mode forwards: replaying those alone gives the same stats."""
-    model = tiny_model().train()
-    replay = tiny_model().train()
-    log = ForwardLog(model)
-    x, y = batch()
-    methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for training, _, seen in log.calls:
-            if training:
-                replay(seen)
-    torch.testing.assert_close(model[1].running_mean, replay[1].running_mean)
-    torch.testing.assert_close(model[1].running_var, replay[1].running_var)
-    assert model[1].num_batches_tracked == replay[1].num_batches_tracked
-
-
-@pytest.mark.parametrize("name", sorted(EXPECTED_PASSES))
-def test_methods_are_reproducible_under_a_seeded_generator(name):
-    x, y = batch()
-    losses = []
-    for _ in range(2):
-        model = tiny_model()
-        losses.append(methods.build(name)(model, x, y, generator=torch.Generator().manual_seed(5)).item())
-    assert losses[0] == losses[1]
 
 
 def test_backward_step_lowers_kl_to_the_smoothed_target():
@@ -182,7 +108,7 @@ def test_trades_loss_differentiates_through_both_kl_arguments():
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     model = tiny_model().eval()
-    loss = trades_loss(model, x, x_adv, y, beta=1.0, stats=None) - F.cross_entropy(model(x), y)
+    loss = trades_loss(methods.build("trades"), model, x, x_adv, y, beta=1.0, stats=None) - F.cross_entropy(model(x), y)
     loss.backward()
     ours = torch.cat([p.grad.flatten() for p in model.parameters()])
     both = param_grads(False, False)
@@ -242,7 +168,7 @@ def test_backward_smoothing_at_10f_matches_the_11f_formulation():
         model.load_state_dict(weights)
         attack = Perturbation(kl_loss, lambda *_, start=start: start, eps, alpha, 1)
         x_adv = attack(model, x, clean, torch.Generator().manual_seed(9)).x_adv
-        losses.append(trades_loss(model, x, x_adv, y, reference.beta, None).item())
+        losses.append(trades_loss(reference, model, x, x_adv, y, reference.beta, None).item())
     model.load_state_dict(weights)
     ours = reference(model, x, y, generator=torch.Generator().manual_seed(5)).item()
     assert losses[1] == pytest.approx(ours, rel=1e-5) and losses[0] == pytest.approx(ours, rel=1e-3)

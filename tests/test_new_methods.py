@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth import methods
-from backsmooth.bench import count_passes
 from backsmooth.errors import ConfigError
 from backsmooth.methods import StepContext, guided
 from backsmooth.methods import elle as elle_module
 from backsmooth.methods import fgsm_pgi as pgi_module
-from backsmooth.step import training_step
+from backsmooth.runtime import Runtime
+from backsmooth.training import Parts, training_step
+from backsmooth.training.bench import count_passes
 
 EPS = 8 / 255
 NEW = ("n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at")
@@ -202,7 +203,7 @@ def test_every_input_lies_in_the_box_and_the_region_of_its_algorithm(name, hyper
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for _ in range(2):
-            training_step(model, method, optimizer, scaler, x, y, gen(0), torch.device("cpu"))
+            training_step(Parts(model, model, method, optimizer, scaler, gen(0)), x, y, Runtime(torch.device("cpu")))
     else:
         method(model, x, y, generator=gen(0))
     if name == "n_fgsm":
@@ -778,9 +779,9 @@ def test_free_at_makes_replay_steps_and_carries_the_perturbation_across_batches(
     optimizer.step = counting_step
     log = ForwardLog(model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    training_step(model, method, optimizer, scaler, x1, y1, gen(0), torch.device("cpu"))
+    training_step(Parts(model, model, method, optimizer, scaler, gen(0)), x1, y1, Runtime(torch.device("cpu")))
     assert len(steps) == replay
-    training_step(model, method, optimizer, scaler, x2, y2, gen(0), torch.device("cpu"))
+    training_step(Parts(model, model, method, optimizer, scaler, gen(0)), x2, y2, Runtime(torch.device("cpu")))
     assert len(steps) == 2 * replay and len(log.calls) == 2 * replay
     log.handle.remove()
 

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from backsmooth import methods
-from backsmooth.averaging import WeightAverage, decay_at
 from backsmooth.config import from_mapping
-from backsmooth.guard import CollapseGuard, GuardState
 from backsmooth.schedules import learning_rate
-from backsmooth.train import train
+from backsmooth.training import train
+from backsmooth.training import trainer as trainer_module
+from backsmooth.training.averaging import WeightAverage, decay_at
+from backsmooth.training.guard import CollapseGuard, GuardState
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -221,16 +222,15 @@ def scripted_check(best_step: int, collapse_steps: tuple[int, ...], interrupt_st
 
 def test_rollback_restores_the_best_check_and_lowers_alpha(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    import backsmooth.train as trainer_module
     seen: dict = {}
     monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, (14,), seen=seen))
-    original_restore = trainer_module.restore
+    original_roll_back = trainer_module.roll_back
 
-    def recording_restore(good, net, *args):
-        original_restore(good, net, *args)
-        seen["restored"] = {k: v.clone() for k, v in net.state_dict().items()}
+    def recording_roll_back(good, parts):
+        original_roll_back(good, parts)
+        seen["restored"] = {k: v.clone() for k, v in parts.net.state_dict().items()}
 
-    monkeypatch.setattr(trainer_module, "restore", recording_restore)
+    monkeypatch.setattr(trainer_module, "roll_back", recording_roll_back)
     summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)
     assert all(torch.equal(seen["best"][k], seen["restored"][k]) for k in seen["best"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -248,7 +248,7 @@ def test_rollback_restores_the_best_check_and_lowers_alpha(tmp_path, monkeypatch
 
 def test_rollback_stops_after_its_limit(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    from backsmooth.guard import MAX_ROLLBACKS
+    from backsmooth.training.guard import MAX_ROLLBACKS
     collapses = tuple(range(14, 14 + 4 * (MAX_ROLLBACKS + 1), 4))
     monkeypatch.setattr(CollapseGuard, "check", scripted_check(8, collapses))
     summary = train(from_mapping(dict(ROLLBACK_RUN, out=str(tmp_path / "run"))), progress=False)

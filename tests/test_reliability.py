@@ -319,7 +319,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     from backsmooth import methods
     from backsmooth.config import from_mapping
     from backsmooth.errors import TrainingDiverged
-    from backsmooth.train import train
+    from backsmooth.training import train
 
     steps_per_epoch = 450 // 32
     monkeypatch.setattr(methods, "build", lambda name, **kw: _poisoned_natural({steps_per_epoch + 3}))
@@ -337,7 +337,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
     from backsmooth import methods
     from backsmooth.config import from_mapping
-    from backsmooth.train import train
+    from backsmooth.training import train
 
     monkeypatch.setattr(methods, "build", lambda name, **kw: _poisoned_natural({2, 5}))
     config = from_mapping(dict(dataset="synthetic", method="natural", epochs=1, batch_size=32, val_pgd_steps=1,

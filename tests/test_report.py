@@ -30,8 +30,8 @@ def real_result() -> dict[str, Any]:
     """A genuine `evaluate` result (tiny linear model, 12 examples) whose numbers the tests then set."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
-    return dict(evaluate(model, torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,)), 8 / 255, "pgd20,cw20",
-                         progress=False))
+    return evaluate(model, torch.rand(12, 1, 4, 4), torch.randint(0, 3, (12,)), 8 / 255, "pgd20,cw20",
+                    progress=False).to_json()
 
 
 def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = "resnet18", dataset: str = "cifar10",

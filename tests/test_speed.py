@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from backsmooth import cli, methods, models
-from backsmooth.bench import TRADESReference, count_passes, run_benchmark
 from backsmooth.config import from_mapping
 from backsmooth.runtime import autocast
-from backsmooth.train import train
+from backsmooth.training import train
+from backsmooth.training.bench import TRADESReference, count_passes, run_benchmark
 
 CPU = torch.device("cpu")
 

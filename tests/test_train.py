@@ -7,7 +7,7 @@ import torch
 
 from backsmooth import cli
 from backsmooth.config import from_mapping
-from backsmooth.train import train
+from backsmooth.training import train
 
 FAST = dict(dataset="synthetic", arch="small_cnn", epochs=2, batch_size=32, val_pgd_steps=2, eval_batch_size=128,
             final_eval_examples=100)

@@ -255,6 +255,16 @@ def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, sourc
     return RunConfig(**merged, method_options=chosen)
 
 
+TOMLDecodeError = tomllib.TOMLDecodeError
+"""What `parse_toml` raises for text that is not TOML."""
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """TOML text as a dict: tomllib from Python 3.11, its backport tomli on 3.10 (this module is the one place that
+    chooses, so config files and study specs read the same on both)."""
+    return tomllib.loads(text)
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """A TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file of config keys."""
     path = Path(path)
@@ -266,7 +276,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path} ({error}); save it as UTF-8 text") from None
     try:
         if path.suffix == ".toml":
-            data = tomllib.loads(text)
+            data = parse_toml(text)
         elif path.suffix in (".yaml", ".yml"):
             try:
                 import yaml

@@ -4,29 +4,13 @@ One process per device. The backend follows the device: NCCL on CUDA, gloo on CP
 torchrun's environment (WORLD_SIZE unset or 1) everything here is a no-op.
 """
 
-import dataclasses
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from backsmooth.runtime import resolve_device
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from backsmooth.runtime import ProcessInfo, Runtime, resolve_device
 
 
 def setup(device_name: str) -> tuple[ProcessInfo, torch.device]:
@@ -42,6 +26,12 @@ def setup(device_name: str) -> tuple[ProcessInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+def runtime(device_name: str, precision: str = "fp32", channels_last: bool = False) -> Runtime:
+    """`setup`, as the Runtime every step, attack and accuracy of the run takes."""
+    proc, device = setup(device_name)
+    return Runtime(device, precision, channels_last, proc)
 
 
 def group_size() -> int:
@@ -87,8 +77,8 @@ def barrier(info: ProcessInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: ProcessInfo) -> None:
-    """Wait for every rank, then tear the process group down (a clean exit code under torchrun)."""
-    if info.distributed and dist.is_initialized():
+def shutdown() -> None:
+    """Wait for every rank, then tear down the running process group, if any (a clean exit code under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -52,8 +52,10 @@ def _controlled_presets() -> dict[str, dict[str, Any]]:
         values = dict(_PAPER, dataset="cifar10", arch="resnet18", method=method, schedule="onecycle",
                       label_smoothing=0.4, weight_averaging=0.9995, val_pgd_steps=10, val_size=1000,
                       epochs=math.ceil(100 / methods.build(method).replays))
+        if not methods.method_class(method).label_smoothing_applies:  # it sets its own targets: refuses smoothing
+            values["label_smoothing"] = 0.0
         if method == "fgsm_pgi":  # its authors' own soft labels take the place of label smoothing
-            values.update(label_smoothing=0.0, smoothing=0.4)
+            values["smoothing"] = 0.4
         presets[f"cifar10-resnet18-{method}-wa"] = values
     return presets
 

@@ -1,6 +1,8 @@
-"""Device, precision and timing helpers shared by training, evaluation and benchmarks."""
+"""Where and how a computation runs (`Runtime`: process, device, precision, memory layout) and the device,
+precision and timing helpers shared by training, evaluation and benchmarks."""
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -9,6 +11,42 @@ import torch
 from backsmooth.errors import ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+    """This process's place in a torchrun group (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """One value for what every step, attack and accuracy needs to know about where it runs, instead of four
+    loose parameters: the process, its device, the precision (fp32, bf16, fp16) and the memory layout."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    proc: ProcessInfo = ProcessInfo()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for this runtime's precision (a no-op for fp32)."""
+        return autocast(self.device, self.precision)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in this runtime's memory layout (channels-last when asked)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,10 +101,25 @@ class Stopwatch:
             self._start = None
         return self.seconds
 
+    def restart(self) -> None:
+        """Forget the time so far and start again (after a compile warm-up, which is not training time)."""
+        self.seconds, self._start = 0.0, None
+        self.start()
+
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
+        """Time the block."""
         self.start()
         try:
             yield
         finally:
             self.stop()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the block out of a running watch's time (checks, logging and checkpoints are not training)."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()

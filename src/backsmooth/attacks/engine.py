@@ -4,12 +4,18 @@ Every attack in training and evaluation (PGD, FGSM, TRADES' KL attack, CW, the b
 step) is a `Perturbation` built from these parts. `attack_mode` owns the conventions of
 docs/algorithms.md#conventions: the model runs in eval mode without parameter gradients, and its
 previous state is restored afterwards.
+
+The step rule turns each input gradient into the direction of the step, and may carry state from
+one step to the next within a call: `rule.init(x)` gives the first state, `rule.step(grad, state)`
+the direction and the next state. The default `SignStep` is sign(grad), the L-inf steepest ascent
+of PGD and FGSM; `Momentum` is MI-FGSM's accumulated gradient. Momentum or Adam-style attacks are
+then a `Perturbation` with another rule, not another loop.
 """
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +23,6 @@ from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(logits, target) -> per-example loss of shape (m,); the attack ascends it."""
-
-StepRule = Callable[[Tensor], Tensor]
-"""Input gradient -> step direction (scaled by the step size)."""
 
 
 class Initializer(Protocol):
@@ -88,9 +91,49 @@ def cw_margin_loss(kappa: float = float("inf")) -> LossFn:
 # --------------------------------------------------------------------------- steps and projection
 
 
-def sign_step(grad: Tensor) -> Tensor:
-    """The L-inf steepest-ascent direction."""
-    return grad.sign()
+class StepRule(Protocol):
+    """Input gradient -> step direction (scaled by the step size), with state carried across the steps of one call."""
+
+    def init(self, x: Tensor) -> Any:
+        """The state before the first step of an attack on the clean batch `x` (None for a stateless rule)."""
+        ...
+
+    def step(self, grad: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """(direction, next state) from the loss gradient at the current point."""
+        ...
+
+
+@dataclass(frozen=True)
+class SignStep:
+    """sign(grad): the L-inf steepest-ascent direction, stateless (PGD, FGSM, every built-in attack)."""
+
+    def init(self, x: Tensor) -> None:
+        """No state."""
+        return None
+
+    def step(self, grad: Tensor, state: None) -> tuple[Tensor, None]:
+        """sign(grad)."""
+        return grad.sign(), state
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """MI-FGSM's rule (Dong et al. 2018): g <- mu * g + grad / ||grad||_1 per example, direction sign(g).
+
+    g starts at zero. An all-zero gradient adds nothing to g (instead of dividing by zero).
+    """
+
+    mu: float = 1.0
+
+    def init(self, x: Tensor) -> Tensor:
+        """The accumulated gradient g = 0."""
+        return torch.zeros_like(x)
+
+    def step(self, grad: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """(sign(g'), g') with g' = mu * g + grad / ||grad||_1."""
+        norm = grad.abs().flatten(1).sum(1).clamp(min=torch.finfo(grad.dtype).tiny)
+        accumulated = self.mu * state + grad / norm.view(-1, *([1] * (grad.dim() - 1)))
+        return accumulated.sign(), accumulated
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -159,7 +202,8 @@ class AttackOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class Perturbation:
-    """K steps of x <- B(x + step_size * step_rule(grad_x loss(f(x), target))) from init(x).
+    """K steps of x <- B(x + step_size * direction) from init(x), where the step rule turns
+    grad_x loss(f(x), target) into the direction (sign(grad) unless told otherwise; see the module docstring).
 
     A negative step size descends the loss (the backward-smoothing step).
     """
@@ -169,7 +213,7 @@ class Perturbation:
     eps: float
     step_size: float
     steps: int
-    step_rule: StepRule = sign_step
+    step_rule: StepRule = SignStep()
 
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor,
                  generator: torch.Generator | None = None) -> AttackOutput:
@@ -177,6 +221,7 @@ class Perturbation:
             x = x.detach()
             x_adv = self.init(net, x, target, self.eps, generator).detach()
             start_loss = None
+            state = self.step_rule.init(x)
             for step in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
@@ -184,5 +229,6 @@ class Perturbation:
                     (grad,) = torch.autograd.grad(losses.sum(), x_adv)
                 if step == 0:
                     start_loss = losses.detach()
-                x_adv = project(x_adv.detach() + self.step_size * self.step_rule(grad), x, self.eps)
+                direction, state = self.step_rule.step(grad, state)
+                x_adv = project(x_adv.detach() + self.step_size * direction, x, self.eps)
         return AttackOutput(x_adv.detach(), start_loss)

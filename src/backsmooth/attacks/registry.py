@@ -24,7 +24,13 @@ Builder = Callable[["AttackSpec", float, float], Callable[..., Any]]
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack of an evaluation, parsed from its name by a registered family."""
+    """One attack of an evaluation, parsed from its name by a registered family.
+
+    Either `make` builds the attack (from the engine, or any callable), or `components` names the
+    AutoAttack components that the evaluation runs through that package. The last three fields say
+    which comparative self-checks the attack takes part in (docs/evaluation.md, "Self-checks"); an
+    attack takes part in none unless its family sets them.
+    """
 
     name: str
     kind: str  # the family: "pgd", "cw", "fgsm", "autoattack", or a user's own
@@ -33,7 +39,25 @@ class AttackSpec:
     restarts: int = 1
     components: tuple[str, ...] = ()  # AutoAttack's, run through its package
     loss: str = "cross-entropy"
-    make: Builder | None = None  # None: run by the evaluation itself (AutoAttack)
+    make: Builder | None = None  # None: run by the evaluation through AutoAttack's package (`components`)
+    iterative: bool = False
+    """More steps of the same kind, start and restarts must neither raise nor lower its accuracy
+    significantly (the more-steps checks compare every such pair that ran)."""
+    single_step: bool = False
+    """One step of size eps from the clean input (FGSM): reported so, and it must not beat the
+    `single_step_reference` attacks (the fgsm_beats_pgd check)."""
+    single_step_reference: bool = False
+    """An iterative attack that a single-step attack must not beat (PGD on CE)."""
+
+    def __post_init__(self) -> None:
+        if (self.make is None) == (not self.components):
+            raise ValueError(f"attack {self.name!r}: give exactly one of `make` (an attack to build) and "
+                             f"`components` (AutoAttack's, run through its package)")
+
+    @property
+    def runs_in_package(self) -> bool:
+        """Run by the evaluation through AutoAttack's package, component by component, instead of built by `make`."""
+        return self.make is None
 
     @property
     def noise_key(self) -> str:
@@ -49,18 +73,18 @@ class AttackSpec:
 
     def settings(self, eps: float, step_size: float) -> dict[str, Any]:
         """Every setting of this attack, for the JSON report."""
-        if self.components:
+        if self.runs_in_package:
             return dict(kind=self.kind, eps=eps, norm="Linf", components=list(self.components))
         return dict(kind=self.kind, eps=eps, loss=self.loss, steps=self.steps,
-                    step_size=eps if self.kind == "fgsm" else step_size, random_start=self.random_start,
+                    step_size=eps if self.single_step else step_size, random_start=self.random_start,
                     restarts=self.restarts)
 
     def describe(self, eps: float, step_size: float) -> str:
         """A short human-readable summary of the settings, for the printed table."""
-        if self.components:
+        if self.runs_in_package:
             return "AutoAttack " + " + ".join("Square" if c == "square" else c.upper() for c in self.components)
-        if self.kind == "fgsm":
-            return f"CE, one step of eps ({eps:.4f})"
+        if self.single_step:
+            return f"{self.loss}, one step of eps ({eps:.4f})"
         start = "random start" if self.random_start else "no random start"
         restarts = f", best of {self.restarts} restarts" if self.restarts > 1 else ""
         return f"{self.loss}, {self.steps} steps of {step_size:.4f}, {start}{restarts}"
@@ -114,22 +138,36 @@ def parse_attacks(names: str | Sequence[str]) -> tuple[AttackSpec, ...]:
 # --------------------------------------------------------------------------- the engine's attacks
 
 
-def _iterative(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
-    loss = ce_loss if spec.kind == "pgd" else cw_margin_loss(CW_KAPPA)
-    return Perturbation(loss, uniform_init if spec.random_start else zero_init, eps, step_size, spec.steps)
+def _pgd(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
+    return Perturbation(ce_loss, uniform_init if spec.random_start else zero_init, eps, step_size, spec.steps)
+
+
+def _cw(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
+    return Perturbation(cw_margin_loss(CW_KAPPA), uniform_init if spec.random_start else zero_init, eps, step_size,
+                        spec.steps)
+
+
+def _fgsm(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
+    return Perturbation(ce_loss, zero_init, eps, eps, 1)
+
+
+_ITERATIVE = {"pgd": ("CE", _pgd, True), "cw": (f"CW-inf margin (kappa {CW_KAPPA:g})", _cw, False)}
+"""The engine's iterative families by the kind in their name: (the loss as reported, the builder, whether a
+single-step attack must not beat it)."""
 
 
 def _parse_iterative(match: re.Match[str]) -> AttackSpec:
     kind, steps, restarts, norand = match.groups()
     if norand and restarts:
         raise ConfigError(f"attack {match.group(0)!r}: restarts without a random start would repeat the same attack")
-    loss = "CE" if kind == "pgd" else f"CW-inf margin (kappa {CW_KAPPA:g})"
+    loss, make, reference = _ITERATIVE[kind]
     return AttackSpec(match.group(0), kind, int(steps), random_start=not norand, restarts=int(restarts or 1),
-                      loss=loss, make=_iterative)
+                      loss=loss, make=make, iterative=True, single_step_reference=reference)
 
 
 register(r"(pgd|cw)([1-9]\d*)(?:x([1-9]\d*))?(-norand)?", ("pgdK", "pgdKxR", "pgdK-norand", "cwK", "cwKxR",
                                                           "cwK-norand"), _parse_iterative)
-register(r"fgsm", ("fgsm",), lambda m: AttackSpec("fgsm", "fgsm", loss="CE",
-                                                  make=lambda spec, eps, step: Perturbation(ce_loss, zero_init, eps,
-                                                                                            eps, 1)))
+register(r"fgsm", ("fgsm",), lambda m: AttackSpec("fgsm", "fgsm", loss="CE", make=_fgsm, single_step=True))
+
+DEFAULT_ATTACKS = ("pgd20", "cw20", "autoattack")
+"""What `evaluate` runs unless told otherwise (AutoAttack's names are registered in attacks/autoattack.py)."""

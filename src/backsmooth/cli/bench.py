@@ -3,9 +3,10 @@
 import argparse
 
 from backsmooth.atomic import atomic_write_json
-from backsmooth.bench import bench_table, run_benchmark
 from backsmooth.config import PRECISIONS, parse_number
 from backsmooth.errors import ConfigError
+from backsmooth.runtime import Runtime, resolve_device
+from backsmooth.training.bench import BenchSetup, bench_table, run_benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +36,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--warmup and --epoch-images must be >= 0")
     _check_sizes(args)
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
-    result = run_benchmark(args.arch, names, args.batch_size, (args.channels, args.image_size, args.image_size),
-                           args.num_classes, parse_number(args.eps, "--eps"), args.device, args.precision,
-                           args.channels_last, args.compile, args.warmup, args.repeats, args.steps,
-                           args.epoch_images)
+    setup = BenchSetup(args.arch, args.batch_size, (args.channels, args.image_size, args.image_size),
+                       args.num_classes, parse_number(args.eps, "--eps"), args.compile, args.warmup, args.repeats,
+                       args.steps, args.epoch_images)
+    runtime = Runtime(resolve_device(args.device), args.precision, args.channels_last)
+    result = run_benchmark(setup, names, runtime)
     print(bench_table(result))
     if args.json:
         atomic_write_json(args.json, result)

@@ -7,7 +7,7 @@ import sys
 from backsmooth.attacks import attack_forms
 from backsmooth.config import parse_number
 from backsmooth.errors import EXIT_INTERRUPTED
-from backsmooth.evaluation.saved import evaluate_saved
+from backsmooth.evaluation.saved import SavedProtocol, evaluate_saved
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +34,9 @@ def main(args: argparse.Namespace) -> int:
     step_size = parse_number(args.step_size, "--step-size") if args.step_size else None
     eps = parse_number(args.eps, "--eps") if args.eps else None
     try:
-        path, _ = evaluate_saved(args.target, args.attacks, n_examples=args.n_examples, batch_size=args.batch_size,
-                                 device=args.device, seed=args.seed, name=args.name, out=args.out, eps=eps,
-                                 step_size=step_size, dataset=args.dataset, data_dir=args.data_dir,
+        protocol = SavedProtocol(args.attacks, args.n_examples, args.batch_size, args.seed, eps, step_size,
+                                 args.dataset, args.data_dir)
+        path, _ = evaluate_saved(args.target, protocol, name=args.name, out=args.out, device=args.device,
                                  restart=args.restart, progress=False if args.no_progress else None,
                                  log=lambda line: print(line, flush=True))
     except KeyboardInterrupt:

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from backsmooth import config as cfg
+from backsmooth import distributed as dist
 from backsmooth import methods
 from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged, one_line
 from backsmooth.plugins import is_import_path
 from backsmooth.presets import preset
-from backsmooth.train import train
+from backsmooth.training import train
 
 
 def _flag(name: str) -> str:
@@ -74,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         summary = train(config, resume=args.resume, overwrite=args.overwrite,
                         progress=False if args.no_progress else None)
+        dist.shutdown()
     except Interrupted as stop:
         print(f"interrupted: checkpoint saved in {stop}; continue with the same command plus --resume "
               f"(--out {stop} --resume)", file=sys.stderr)
@@ -87,5 +89,6 @@ def main(args: argparse.Namespace) -> int:
     for which in ("last", "best"):
         r = summary[which]
         print(f"{which:<6} {r['epoch']:>5} {r['clean_acc']:>7.2%} {r['pgd20_acc']:>7.2%}")
-    print(f"training time {summary['train_seconds']:.1f} s (evaluation excluded); run directory {summary['run_dir']}")
+    print(f"training time {summary['train_seconds']:.1f} s (evaluation and the collapse guard's "
+          f"{summary['guard_seconds']:.1f} s excluded); run directory {summary['run_dir']}")
     return 0

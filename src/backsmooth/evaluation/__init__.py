@@ -1,8 +1,15 @@
 """Robustness evaluation: attack specs, `evaluate` with the pointwise worst case, self-checks for
 gradient masking, resumable per-example state, and the `backsmooth eval` command."""
 
-from backsmooth.accuracy import correct_under_attack, stratified_subset, to_unit_float, worst_case
-from backsmooth.attacks import AttackSpec, attack_forms, parse_attack, parse_attacks
+from backsmooth.attacks import (
+    AUTOATTACK_VARIANTS,
+    DEFAULT_ATTACKS,
+    AttackSpec,
+    attack_forms,
+    parse_attack,
+    parse_attacks,
+)
+from backsmooth.evaluation.accuracy import correct_under_attack, stratified_subset, to_unit_float, worst_case
 from backsmooth.evaluation.checks import (
     Check,
     PairedExcess,
@@ -15,7 +22,6 @@ from backsmooth.evaluation.checks import (
     result_checks,
 )
 from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
-from backsmooth.evaluation.specs import AUTOATTACK_VARIANTS, DEFAULT_ATTACKS
 
 __all__ = [
     "attack_forms", "AUTOATTACK_VARIANTS", "DEFAULT_ATTACKS", "AttackSpec", "Check", "EvalResult", "PairedExcess",

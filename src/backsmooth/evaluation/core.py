@@ -3,18 +3,25 @@ AutoAttack, the pointwise worst case, self-checks for gradient masking, and resu
 (docs/evaluation.md)."""
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from backsmooth import autoattack_adapter
-from backsmooth.accuracy import fraction, worst_case
-from backsmooth.attacks import AttackSpec, parse_attack, parse_attacks, predict_eval, project
+from backsmooth.attacks import (
+    DEFAULT_ATTACKS,
+    AttackSpec,
+    autoattack,
+    parse_attack,
+    parse_attacks,
+    predict_eval,
+    project,
+)
 from backsmooth.errors import ConfigError
+from backsmooth.evaluation.accuracy import fraction, worst_case
 from backsmooth.evaluation.checks import (
     Check,
     check_eps_zero,
@@ -23,7 +30,6 @@ from backsmooth.evaluation.checks import (
     check_zero_gradients,
     result_checks,
 )
-from backsmooth.evaluation.specs import DEFAULT_ATTACKS
 from backsmooth.evaluation.state import BatchFn, EvaluationState, derived_seed
 from backsmooth.units import eps_text
 
@@ -31,15 +37,37 @@ PROBE_EXAMPLES = 100  # examples used by the cheap model checks
 EPS0_EXAMPLES = 256  # examples attacked at eps = 0
 
 
-class EvalResult(dict):
-    """The JSON-ready summary of `evaluate` (a dict, so `result["clean_acc"]` keeps working); `per_example`
-    holds the bool flags behind every number, which `to_json` leaves out."""
+@dataclass
+class EvalResult:
+    """What `evaluate` found: accuracies are fractions of `n_examples`; `per_example` holds the bool flags
+    behind every number (by "clean" and attack name), which `to_json` leaves out."""
 
-    per_example: dict[str, Tensor]
+    n_examples: int
+    eps: float
+    clean_acc: float
+    robust_acc: float
+    """The pointwise worst case: clean-correct and correct under every attack."""
+    per_attack: dict[str, float]
+    attacks: dict[str, dict[str, Any]]
+    """Per attack: its robust accuracy, settings, seconds, and accuracy under attack or after each component."""
+    settings: dict[str, Any]
+    self_checks: list[dict[str, Any]]
+    flags: list[str]
+    """The names of the flagged self-checks."""
+    autoattack_warnings: list[str]
+    batches: dict[str, int]
+    """{"total": ..., "resumed": ...}: batches of every unit, and those taken from a saved state."""
+    seconds: float
+    per_example: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """A plain dict of JSON values: what `backsmooth eval` writes under "evaluation"."""
-        return json.loads(json.dumps(dict(self)))
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_example"}))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "EvalResult":
+        """The result that `to_json` wrote (an eval report's "evaluation"), without the per-example flags."""
+        return cls(**data)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
@@ -59,8 +87,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
     specs = parse_attacks(attacks)
     step_size = eps / 4 if step_size is None else float(step_size)
     check_inputs(x, y, eps, batch_size, step_size)
-    if any(s.kind == "autoattack" for s in specs):
-        autoattack_adapter.autoattack_module()  # a missing package fails before any work, with its install hint
+    if any(s.runs_in_package for s in specs):
+        autoattack.autoattack_module()  # a missing package fails before any work, with its install hint
     run = EvaluationState(model, x, y, batch_size, seed, state_path, restart, progress,
                           dict(eps=float(eps), step_size=step_size, batch_size=batch_size, seed=seed))
     clean = run.unit("clean", lambda xb, yb, _b, _key: predict_eval(run.model, xb).argmax(1) == yb)
@@ -69,7 +97,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
     components: dict[str, Tensor] = {}
     messages: list[str] = []
     for spec in specs:
-        if spec.kind == "autoattack":
+        if spec.runs_in_package:
             flags = clean
             for component in spec.components:
                 flags = run.unit(f"autoattack:{component}", _autoattack_batch(run, component, flags, messages))
@@ -81,7 +109,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
     robust = worst_case(clean, (per_example[s.name] for s in specs))
     per_attack = {s.name: fraction(per_example[s.name]) for s in specs}
     checks = _model_checks(run, clean) + result_checks(specs, clean, per_example, raw, components)
-    result = EvalResult(
+    return EvalResult(
         n_examples=len(y), eps=float(eps), clean_acc=fraction(clean), robust_acc=fraction(robust),
         per_attack=per_attack,
         attacks={s.name: _attack_report(s, run, per_example, raw, components) for s in specs},
@@ -93,9 +121,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
         self_checks=[asdict(c) for c in checks], flags=[c.name for c in checks if c.flagged],
         autoattack_warnings=sorted(set(messages)), batches=dict(total=run.batches_total, resumed=run.batches_resumed),
         seconds=sum(run.seconds.values()),  # including the sessions before a resume
+        per_example=per_example,
     )
-    result.per_example = per_example
-    return result
 
 
 def _model_checks(run: EvaluationState, clean: Tensor) -> list[Check]:
@@ -110,8 +137,8 @@ def _attack_report(spec: AttackSpec, run: EvaluationState, per_example: dict[str
                    components: dict[str, Tensor]) -> dict[str, Any]:
     report: dict[str, Any] = dict(robust_acc=fraction(per_example[spec.name]),
                                   settings=spec.settings(run.fingerprint["eps"], run.fingerprint["step_size"]))
-    if spec.kind == "autoattack":
-        report["settings"].update(version="standard", package=autoattack_adapter.package_description())
+    if spec.runs_in_package:
+        report["settings"].update(version="standard", package=autoattack.package_description())
         report["after_component"] = {c: fraction(components[c]) for c in spec.components}
         report["seconds"] = sum(run.seconds[f"autoattack:{c}"] for c in spec.components)
     else:
@@ -161,7 +188,7 @@ def _autoattack_batch(run: EvaluationState, component: str, before: Tensor, mess
         robust = before[key].to(x.device, copy=True)
         todo = robust.nonzero().squeeze(1)
         if len(todo):
-            robust[todo] = autoattack_adapter.run_component(
+            robust[todo] = autoattack.run_component(
                 run.model, component, x[todo], y[todo], run.fingerprint["eps"],
                 derived_seed(run.seed, component, b), run.num_classes, messages)
         return robust
@@ -172,31 +199,34 @@ def _autoattack_batch(run: EvaluationState, component: str, before: Tensor, mess
 # --------------------------------------------------------------------------- reports
 
 
-def model_info(result: EvalResult, name: str, architecture: str, dataset: str,
+def model_info(result: EvalResult | Mapping[str, Any], name: str, architecture: str, dataset: str,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """RobustBench's model_info fields (percent strings, eps like '8/255') plus the full result as 'evaluation'."""
-    info: dict[str, Any] = dict(name=name, architecture=architecture, dataset=dataset, eps=eps_text(result["eps"]),
-                                clean_acc=f"{100 * result['clean_acc']:.2f}")
-    if "autoattack" in result["per_attack"]:
-        info["autoattack_acc"] = f"{100 * result['per_attack']['autoattack']:.2f}"
+    """RobustBench's model_info fields (percent strings, eps like '8/255') plus the full result as 'evaluation'.
+    A plain dict of the same keys (a result's `to_json()`, as eval reports hold it) works as well as the result."""
+    if not isinstance(result, EvalResult):
+        result = EvalResult.from_json(result)
+    info: dict[str, Any] = dict(name=name, architecture=architecture, dataset=dataset, eps=eps_text(result.eps),
+                                clean_acc=f"{100 * result.clean_acc:.2f}")
+    if "autoattack" in result.per_attack:
+        info["autoattack_acc"] = f"{100 * result.per_attack['autoattack']:.2f}"
     info.update(extra or {})
-    info["evaluation"] = EvalResult(result).to_json()  # a plain dict of the same keys works too
+    info["evaluation"] = result.to_json()
     return info
 
 
 def result_table(result: EvalResult) -> str:
     """The printed summary: one row per attack, the worst case, then the self-checks."""
-    eps, step = result["settings"]["eps"], result["settings"]["step_size"]
+    eps, step = result.settings["eps"], result.settings["step_size"]
     rows = [f"{'attack':<16} {'accuracy':>9}  {'time':>8}  settings",
-            f"{'clean':<16} {result['clean_acc']:>9.2%}"]
-    for name, report in result["attacks"].items():
+            f"{'clean':<16} {result.clean_acc:>9.2%}"]
+    for name, report in result.attacks.items():
         spec = parse_attack(name)
         rows.append(f"{name:<16} {report['robust_acc']:>9.2%}  {report['seconds']:>7.1f}s  {spec.describe(eps, step)}")
-    rows.append(f"{'worst case':<16} {result['robust_acc']:>9.2%}  {result['seconds']:>7.1f}s  "
+    rows.append(f"{'worst case':<16} {result.robust_acc:>9.2%}  {result.seconds:>7.1f}s  "
                 f"robust only if every attack failed")
-    flagged = [c for c in result["self_checks"] if c["flagged"]]
-    rows.append(f"self-checks: {len(result['self_checks'])} run, "
+    flagged = [c for c in result.self_checks if c["flagged"]]
+    rows.append(f"self-checks: {len(result.self_checks)} run, "
                 + (f"{len(flagged)} FLAGGED" if flagged else "none flagged"))
     rows += [f"  FLAG {c['name']}: {c['message']}" for c in flagged]
-    rows += [f"  AutoAttack warns: {m}" for m in result["autoattack_warnings"]]
+    rows += [f"  AutoAttack warns: {m}" for m in result.autoattack_warnings]
     return "\n".join(rows)

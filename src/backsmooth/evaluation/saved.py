@@ -2,6 +2,7 @@
 stratified test subset, run the attacks resumably and write eval-NAME.json beside it. `backsmooth eval`
 and `backsmooth study` both call `evaluate_saved`."""
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -10,12 +11,12 @@ from typing import Any
 
 from torch import Tensor
 
-from backsmooth.accuracy import stratified_subset
 from backsmooth.atomic import atomic_write_json
 from backsmooth.attacks import parse_attacks
 from backsmooth.checkpoint import load_model
 from backsmooth.data import load_dataset
 from backsmooth.errors import ConfigError, DataError
+from backsmooth.evaluation.accuracy import stratified_subset
 from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
 from backsmooth.runtime import resolve_device
 
@@ -27,17 +28,33 @@ def check_name(name: str) -> str:
     return name
 
 
-def evaluate_saved(target: str | Path, attacks: str | Sequence[str], *, n_examples: int = 1000,
-                   batch_size: int = 256, device: str = "auto", seed: int = 0, name: str | None = None,
-                   out: str | Path | None = None, eps: float | None = None, step_size: float | None = None,
-                   dataset: str | None = None, data_dir: str | None = None, restart: bool = False,
+@dataclasses.dataclass(frozen=True)
+class SavedProtocol:
+    """What an evaluation of a saved model measures: the attacks, on how many stratified test examples, with
+    which batch size and seed, at which eps and step size (default: the run's eps, eps / 4), on which data
+    (default: the run's dataset and folder)."""
+
+    attacks: str | Sequence[str]
+    n_examples: int = 1000
+    batch_size: int = 256
+    seed: int = 0
+    eps: float | None = None
+    step_size: float | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+
+
+def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | None = None,
+                   out: str | Path | None = None, device: str = "auto", restart: bool = False,
                    progress: bool | None = None, log: Callable[[str], None] = print) -> tuple[Path, EvalResult]:
-    """Evaluate `target` (a run directory or model file) on `n_examples` stratified test examples and write
-    eval-NAME.json into `out` (default: the run directory); returns (that path, the result).
+    """Evaluate `target` (a run directory or model file) as `protocol` says and write eval-NAME.json into `out`
+    (default: the run directory); returns (that path, the result).
 
     Per-example flags go to eval-NAME.state.pt after every batch, so a killed evaluation resumes where it
     stopped when called again (`restart` discards them). Bad arguments fail before any attack runs.
     """
+    attacks, n_examples, batch_size, seed = protocol.attacks, protocol.n_examples, protocol.batch_size, protocol.seed
+    eps, step_size, dataset, data_dir = protocol.eps, protocol.step_size, protocol.dataset, protocol.data_dir
     specs = parse_attacks(attacks)
     if n_examples <= 0:
         raise ConfigError(f"--n-examples must be positive, got {n_examples}")
@@ -71,8 +88,8 @@ def evaluate_saved(target: str | Path, attacks: str | Sequence[str], *, n_exampl
           f"eps {eps_text(eps)} = {eps:.4f}")
     result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], batch_size,
                       seed=seed, step_size=step_size, state_path=state_path, restart=restart, progress=progress)
-    if result["batches"]["resumed"]:
-        log(f"resumed {state_path.name}: {result['batches']['resumed']} of {result['batches']['total']} batches "
+    if result.batches["resumed"]:
+        log(f"resumed {state_path.name}: {result.batches['resumed']} of {result.batches['total']} batches "
             f"were already done")
     log(result_table(result))
     report_path = folder / f"eval-{name}.json"

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from backsmooth.accuracy import to_unit_float
 from backsmooth.attacks import predict_eval
 from backsmooth.checkpoint import load, save
 from backsmooth.errors import ConfigError
+from backsmooth.evaluation.accuracy import to_unit_float
 
 BatchFn = Callable[[Tensor, Tensor, int, slice], Tensor]
 """(images in [0, 1] on the device, labels, batch index, slice of the batch) -> bool flags of the batch."""

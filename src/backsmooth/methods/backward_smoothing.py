@@ -58,4 +58,4 @@ class BackwardSmoothing(TrainingMethod):
         attack = Perturbation(kl_loss, lambda *_: x0, self.eps, self.alpha, self.steps)
         x_adv, start_kl = attack(model, x, clean_log_probs, generator)
         record(stats, attack_start_kl=start_kl)
-        return trades_loss(model, x, x_adv, y, self.beta, stats, self.label_smoothing)
+        return trades_loss(self, model, x, x_adv, y, self.beta, stats)

@@ -1,10 +1,13 @@
 """What every training method shares: the call signature, declared hyperparameters and cost, the
-hyperparameter checks, and the losses several methods use (TRADES, cross-entropy)."""
+hyperparameter checks, the training cross-entropy with the run's label smoothing (checked: a method cannot
+silently ignore --label-smoothing), and the losses several methods use (TRADES, cross-entropy)."""
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -61,9 +64,12 @@ class TrainingMethod:
     """A training loss: `loss = method(model, x, y, generator=g)`, model in train mode.
 
     A subclass is a frozen dataclass that declares `name`, `summary`, its hyperparameters as fields
-    (with `hyperparameter(default, help)`; `eps` is the run's radius) and `floor_units()`, the
-    cost of one training step in forward passes. Pass `stats={}` to receive detached per-batch
-    statistics (no host synchronisation) and `context` for epoch-dependent methods.
+    (with `hyperparameter(default, help)`; `eps` is the run's radius) and, optionally, `floor_units()`,
+    the cost of one training step in forward passes. Its training cross-entropy goes through
+    `self.cross_entropy`, which applies the run's label smoothing: with --label-smoothing > 0, a call
+    that never used it raises ConfigError (the check wraps every subclass's `__call__`), and a class
+    that sets `label_smoothing_applies = False` is refused at construction. Pass `stats={}` to receive
+    detached per-batch statistics (no host synchronisation) and `context` for epoch-dependent methods.
 
     Stateful methods (per-example memory, running statistics, a carried perturbation) keep their
     tensors in `self.state` (a dict, not a hyperparameter): the trainer calls `setup` once, saves
@@ -82,17 +88,38 @@ class TrainingMethod:
     paper_settings: ClassVar[dict[str, Any]] = {}
     paper_arch: ClassVar[str | None] = None
     small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
+    # False: the method sets its own training targets (FGSM-PGI's soft labels) and refuses --label-smoothing > 0
+    label_smoothing_applies: ClassVar[bool] = True
     state: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     # the run's label smoothing, on the cross-entropy term of the training loss (not inside attacks)
     label_smoothing: float = 0.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap the subclass's own `__call__` and `__post_init__` in the label-smoothing checks."""
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            cls.__call__ = _check_cross_entropy_used(cls.__dict__["__call__"])
+        if "__post_init__" in cls.__dict__:
+            cls.__post_init__ = _check_label_smoothing_first(cls.__dict__["__post_init__"])
+
+    def __post_init__(self) -> None:
+        """Refuse label smoothing where it does not apply (a subclass's own `__post_init__` gets this check first)."""
+        self._check_label_smoothing_applies()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         raise NotImplementedError
 
-    def floor_units(self) -> int:
-        """The floor cost of one step in forward-pass units F (docs/algorithms.md#cost-in-forward-passes)."""
-        raise NotImplementedError
+    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss's cross-entropy (in float32) with the run's label smoothing. Every method's
+        training CE goes through here: that is what the label-smoothing check of `__call__` looks for."""
+        object.__setattr__(self, "_cross_entropy_calls", self.__dict__.get("_cross_entropy_calls", 0) + 1)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def floor_units(self) -> int | None:
+        """The floor cost of one step in forward-pass units F (docs/algorithms.md#cost-in-forward-passes);
+        None (the default) when unknown: `bench` and the study estimates then use the passes counted in a step."""
+        return None
 
     @classmethod
     def takes_context(cls) -> bool:
@@ -111,11 +138,9 @@ class TrainingMethod:
     def after_backward(self) -> None:
         """Called after each training backward, before the optimiser step; default: nothing."""
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
     @classmethod
     def hyperparameter_names(cls) -> tuple[str, ...]:
+        """Every constructor field: the options, eps and label_smoothing."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
     @classmethod
@@ -154,6 +179,42 @@ class TrainingMethod:
     def _check_steps(self) -> None:
         self._check(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
 
+    def _check_label_smoothing_applies(self) -> None:
+        """Refuse --label-smoothing > 0 for a method that declares it would not use it."""
+        if self.label_smoothing and not self.label_smoothing_applies:
+            raise ConfigError(f"{self.name} sets its own training targets (label_smoothing_applies = False), so "
+                              f"--label-smoothing {self.label_smoothing:g} would be ignored; set --label-smoothing 0")
+
+
+def _check_cross_entropy_used(call: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`call`, raising ConfigError when label smoothing is on and the call never used `cross_entropy` (a loss
+    written with F.cross_entropy would silently train without it)."""
+
+    @functools.wraps(call)
+    def checked(self: TrainingMethod, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.label_smoothing:
+            return call(self, *args, **kwargs)
+        before = self.__dict__.get("_cross_entropy_calls", 0)
+        loss = call(self, *args, **kwargs)
+        if self.__dict__.get("_cross_entropy_calls", 0) == before:
+            raise ConfigError(f"{self.name} computes its loss without TrainingMethod.cross_entropy, so "
+                              f"--label-smoothing {self.label_smoothing:g} would be ignored; use "
+                              f"self.cross_entropy(logits, y) for its cross-entropy, or set --label-smoothing 0")
+        return loss
+
+    return checked
+
+
+def _check_label_smoothing_first(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A subclass's `__post_init__`, preceded by the base class's label-smoothing check."""
+
+    @functools.wraps(post_init)
+    def checked(self: TrainingMethod) -> None:
+        self._check_label_smoothing_applies()
+        post_init(self)
+
+    return checked
+
 
 def _value_type(annotation: Any) -> type:
     """float for `float | None`, int for `int`, and so on."""
@@ -168,13 +229,13 @@ def record(stats: Stats | None, **values: Tensor) -> None:
         stats.update({k: v.detach().float().mean() for k, v in values.items()})
 
 
-def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float,
-                stats: Stats | None, smoothing: float = 0.0) -> Tensor:
-    """CE(f(x), y) + beta * KL(s(f(x)) || s(f(x_adv))), train mode, gradients through both sides;
-    `smoothing`: label smoothing of the CE term."""
+def trades_loss(method: TrainingMethod, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float,
+                stats: Stats | None) -> Tensor:
+    """CE(f(x), y) + beta * KL(s(f(x)) || s(f(x_adv))), train mode, gradients through both sides; the CE term
+    is `method.cross_entropy` (the run's label smoothing)."""
     logits_nat = model(x)
     logits_adv = model(x_adv)
-    ce = F.cross_entropy(logits_nat.float(), y, label_smoothing=smoothing)
+    ce = method.cross_entropy(logits_nat, y)
     kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.log_softmax(logits_nat.float(), dim=1),
                   reduction="batchmean", log_target=True)
     record(stats, ce=ce, kl=kl, accuracy=(logits_nat.argmax(1) == y).float(),
@@ -182,20 +243,20 @@ def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: flo
     return ce + beta * kl
 
 
-def ce_training_loss(model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None, smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy on x in train mode (natural, PGD-AT, FGSM-RS and the single-step methods)."""
+def ce_training_loss(method: TrainingMethod, model: nn.Module, x: Tensor, y: Tensor, stats: Stats | None) -> Tensor:
+    """`method.cross_entropy` on x in train mode (natural, PGD-AT, FGSM-RS and the single-step methods)."""
     logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+    loss = method.cross_entropy(logits, y)
     record(stats, ce=loss, accuracy=(logits.argmax(1) == y).float())
     return loss
 
 
-def trades_step(model: nn.Module, x: Tensor, y: Tensor, init: Initializer, eps: float, alpha: float,
-                steps: int, beta: float, generator: torch.Generator | None, stats: Stats | None,
-                smoothing: float = 0.0) -> Tensor:
+def trades_step(method: TrainingMethod, model: nn.Module, x: Tensor, y: Tensor, init: Initializer, eps: float,
+                alpha: float, steps: int, beta: float, generator: torch.Generator | None,
+                stats: Stats | None) -> Tensor:
     """One no-grad clean forward, K KL ascent steps from `init`, then the TRADES loss."""
     clean_log_probs = F.log_softmax(predict_eval(model, x).float(), dim=1)
     attack = Perturbation(kl_loss, init, eps, alpha, steps)
     x_adv, start_kl = attack(model, x, clean_log_probs, generator)
     record(stats, attack_start_kl=start_kl)
-    return trades_loss(model, x, x_adv, y, beta, stats, smoothing)
+    return trades_loss(method, model, x, x_adv, y, beta, stats)

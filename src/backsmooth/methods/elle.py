@@ -69,7 +69,7 @@ class ELLE(TrainingMethod):
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         x_adv = pgd(self.eps, self.alpha, 1, random_start=False)(model, x, y, generator).x_adv
         logits = model(x_adv)
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        ce = self.cross_entropy(logits, y)
         error = linearity_error(model, x, y, self.eps, generator, context)
         weight = self.weight()
         self.observe(error.detach())

@@ -54,6 +54,7 @@ class FGSMPGI(TrainingMethod):
     name = "fgsm_pgi"
     summary = "FGSM-PGI: FGSM from each example's remembered perturbation + prior-guided regulariser"
     needs_index = True
+    label_smoothing_applies = False  # the authors' soft labels (--smoothing) in the attack and the loss
     paper_settings = {"epochs": 110, "schedule": "piecewise:0=1,0.909=1,0.909=0.1,0.955=0.1,0.955=0.01,1=0.01"}
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
@@ -68,8 +69,6 @@ class FGSMPGI(TrainingMethod):
         self._check(self.pgi_weight >= 0, "pgi_weight", ">= 0")
         self._check(isinstance(self.reset, int) and self.reset >= 1, "reset", "an integer >= 1")
         self._check(0 <= self.smoothing < 1, "smoothing", "in [0, 1)")
-        self._check(self.label_smoothing == 0, "label_smoothing", "0: FGSM-PGI smooths its labels itself "
-                    "(--smoothing, the authors' 0.4 in the attack and the loss)")
 
     def floor_units(self) -> int:
         return 2 + 6  # one input-gradient step, two training forwards and their backward

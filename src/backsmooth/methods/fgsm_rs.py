@@ -30,4 +30,4 @@ class FGSMRS(TrainingMethod):
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         x_adv, start_loss = pgd(self.eps, self.alpha, 1, random_start=True)(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
-        return ce_training_loss(model, x_adv, y, stats, self.label_smoothing)
+        return ce_training_loss(self, model, x_adv, y, stats)

@@ -12,7 +12,6 @@ itself: that reuse is what makes it free, so Free-AT has no eval-mode attack.
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record
@@ -49,7 +48,7 @@ class FreeAT(TrainingMethod):
         rows = delta[:len(x)].clone().requires_grad_(True)
         self.state["rows"] = rows  # after_backward reads its gradient
         logits = model((x + rows).clamp(0, 1))
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        loss = self.cross_entropy(logits, y)
         record(stats, ce=loss, adv_accuracy=(logits.argmax(1) == y).float())
         return loss
 

@@ -46,7 +46,7 @@ class GradAlign(TrainingMethod):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         x_adv, _ = pgd(self.eps, self.alpha, 1, random_start=self.random_start)(model, x, y, generator)
-        loss = ce_training_loss(model, x_adv, y, stats, self.label_smoothing)
+        loss = ce_training_loss(self, model, x_adv, y, stats)
         grad_clean = _input_gradient(model, x, y)
         grad_noisy = _input_gradient(model, uniform_init(model, x, y, self.eps, generator), y)
         cosine = F.cosine_similarity(grad_clean.flatten(1), grad_noisy.flatten(1), dim=1, eps=1e-12)

@@ -74,7 +74,7 @@ class _Guided(TrainingMethod):
         x_adv = guided_step(model, x, y, self.eps, self.start * self.eps, weight if guided else 0.0,
                             self.regulariser, generator)
         clean, adversarial = model(x), model(x_adv)
-        ce = F.cross_entropy(clean.float(), y, label_smoothing=self.label_smoothing)
+        ce = self.cross_entropy(clean, y)
         distance = self.regulariser(clean, adversarial)
         record(stats, ce=ce, regulariser=distance, weight=torch.tensor(weight),
                accuracy=(clean.argmax(1) == y).float(), adv_accuracy=(adversarial.argmax(1) == y).float())

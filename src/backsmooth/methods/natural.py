@@ -21,4 +21,4 @@ class Natural(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return ce_training_loss(model, x, y, stats, self.label_smoothing)
+        return ce_training_loss(self, model, x, y, stats)

@@ -43,4 +43,4 @@ class NFGSM(TrainingMethod):
         attack = Perturbation(ce_loss, uniform_noise_init(self.noise * self.eps), self.radius, self.alpha, 1)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
-        return ce_training_loss(model, x_adv, y, stats, self.label_smoothing)
+        return ce_training_loss(self, model, x_adv, y, stats)

@@ -31,4 +31,4 @@ class PGDAT(TrainingMethod):
         attack = pgd(self.eps, self.alpha, self.steps, random_start=True)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
-        return ce_training_loss(model, x_adv, y, stats, self.label_smoothing)
+        return ce_training_loss(self, model, x_adv, y, stats)

@@ -20,8 +20,6 @@ def register(cls: type[TrainingMethod]) -> type[TrainingMethod]:
     for attribute in ("name", "summary"):
         if not isinstance(getattr(cls, attribute, None), str):
             raise ConfigError(f"method class {cls.__name__} must declare a string `{attribute}`")
-    if cls.floor_units is TrainingMethod.floor_units:
-        raise ConfigError(f"method class {cls.__name__} must define floor_units() (its cost in forward passes)")
     known = _REGISTRY.get(cls.name)
     if known is not None and known is not cls:
         raise ConfigError(f"method name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}")

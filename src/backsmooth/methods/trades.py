@@ -34,8 +34,8 @@ class TRADES(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(model, x, y, gaussian_init(0.001), self.eps, self.alpha, self.steps, self.beta,
-                           generator, stats, self.label_smoothing)
+        return trades_step(self, model, x, y, gaussian_init(0.001), self.eps, self.alpha, self.steps, self.beta,
+                           generator, stats)
 
 
 @register
@@ -56,5 +56,4 @@ class FastTRADES(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats,
-                           self.label_smoothing)
+        return trades_step(self, model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats)

@@ -1,22 +1,25 @@
 """Time estimates for a study, in forward-pass units (F) per example: a training step of a method costs its
-`floor_units()` for each replay of the batch, an attack step on one example costs 2 F (forward and input
-gradient) and scoring 1 F. One rate (seconds per F per example) for each architecture turns units into time:
-`--dry-run` measures it with a short `bench` of every method, a running study from its finished runs."""
+`floor_units()` for each replay of the batch (a method that declares no floor: the passes of one step, counted),
+an attack step on one example costs 2 F (forward and input gradient) and scoring 1 F. One rate (seconds per F
+per example) for each architecture turns units into time: `--dry-run` measures it with a short `bench` of every
+method, a running study from its finished runs."""
 
 import dataclasses
+import functools
 import statistics
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from backsmooth import methods, models
 from backsmooth.attacks import parse_attacks
-from backsmooth.bench import time_steps
-from backsmooth.build import default_val_size
 from backsmooth.config import RunConfig
 from backsmooth.data import load_dataset
-from backsmooth.runtime import resolve_device
+from backsmooth.runtime import Runtime, resolve_device
 from backsmooth.study.spec import PlannedRun, Study
+from backsmooth.training.bench import count_passes, time_steps
+from backsmooth.training.setup import default_val_size
 
 # gradient steps per example of AutoAttack's components in their standard settings (APGD-T and FAB-T: 9
 # target classes x 100 iterations; Square: 5,000 queries, each a forward pass, so a third of a step)
@@ -41,9 +44,28 @@ def data_facts(config: RunConfig) -> DataFacts:
 
 
 def step_units(config: RunConfig) -> int:
-    """F per example of one training batch: the method's floor for each replay."""
+    """F per example of one training batch: the method's floor for each replay; for a method whose
+    `floor_units()` is None (unknown), the passes of one step counted by `counted_units`."""
     method = methods.build(config.method, **config.method_hyperparameters())
-    return method.floor_units() * method.replays
+    floor = method.floor_units()
+    if floor is None:
+        floor = counted_units(config.method, tuple(sorted(config.method_hyperparameters().items())))
+    return floor * method.replays
+
+
+@functools.cache
+def counted_units(method: str, hyperparameters: tuple[tuple[str, Any], ...]) -> int:
+    """F of one training step of `method`, counted with bench's hooks on a probe: small_cnn on a CPU batch of
+    eight random 3x8x8 images. Passes are counted in units of the batch, so the count does not depend on the
+    run's model or images, and the probe costs milliseconds without the dataset; cached, since a running study
+    asks at every progress line. The global random state is left as it was."""
+    built = methods.build(method, **dict(hyperparameters))
+    with torch.random.fork_rng(devices=()):
+        torch.manual_seed(0)
+        probe = models.build("small_cnn", 10)
+        x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+        built.setup(len(x), tuple(x.shape[1:]), x.device)
+        return count_passes(probe, built, x, y).f_units
 
 
 def train_units(config: RunConfig, facts: DataFacts) -> float:
@@ -79,7 +101,7 @@ def bench_rate(config: RunConfig, facts: DataFacts) -> float:
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(config.batch_size, *facts.image_shape, generator=generator).to(device)
     y = torch.randint(0, facts.num_classes, (config.batch_size,), generator=generator).to(device)
-    times = time_steps(net, method, x, y, device, config.precision, config.channels_last, warmup=1, repeats=2,
+    times = time_steps(net, method, x, y, Runtime(device, config.precision, config.channels_last), warmup=1, repeats=2,
                        steps=1)
     return statistics.median(times) / (step_units(config) * config.batch_size)
 

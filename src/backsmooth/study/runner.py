@@ -19,9 +19,8 @@ from typing import Any
 from backsmooth import distributed as dist
 from backsmooth.atomic import atomic_write_json, atomic_write_text
 from backsmooth.errors import ConfigError, TrainingDiverged, one_line
-from backsmooth.evaluation.saved import evaluate_saved
+from backsmooth.evaluation.saved import SavedProtocol, evaluate_saved
 from backsmooth.report import format_duration, read_run
-from backsmooth.run_dir import RunDirectory
 from backsmooth.study.estimate import (
     AUTOATTACK_REACH,
     DataFacts,
@@ -33,7 +32,7 @@ from backsmooth.study.estimate import (
 )
 from backsmooth.study.report import write_study_report
 from backsmooth.study.spec import PlannedRun, Study
-from backsmooth.train import Trainer
+from backsmooth.training import DirectoryLock, RunDirectory, train
 
 Log = Callable[[str], None]
 
@@ -205,13 +204,10 @@ def _write_spec(study: Study) -> None:
 def _train(run: PlannedRun, progress: bool | None) -> bool:
     """Train (or resume) one run; False when its loss diverged (the study goes on without it)."""
     resume = (run_path(run) / "config.json").is_file()
-    trainer = Trainer(dataclasses.replace(run.config), resume=resume, progress=progress)
     try:
-        trainer.run()
+        train(dataclasses.replace(run.config), resume=resume, progress=progress)
     except TrainingDiverged:
         return False
-    finally:
-        trainer.run_dir.release()
     return True
 
 
@@ -221,11 +217,11 @@ def execute(study: Study, command: str, *, progress: bool | None = False, report
     far; returns {"diverged": [...], "report": path or None}."""
     check_existing(study)
     proc, _ = dist.setup(study.runs[0].config.device)
-    lock = RunDirectory(study.out)
+    lock = DirectoryLock(study.out)
     plan = Plan.of(study)
     if proc.is_main:
         study.out.mkdir(parents=True, exist_ok=True)
-        lock.lock()
+        lock.acquire()
         _write_spec(study)
     diverged: list[str] = []
     for run in () if report_only else study.runs:
@@ -241,7 +237,7 @@ def execute(study: Study, command: str, *, progress: bool | None = False, report
                 continue
         if proc.is_main and not proc.distributed:
             _evaluate(run, study, plan, progress, log)
-    dist.shutdown(proc)
+    dist.shutdown()
     if not proc.is_main:
         return {"diverged": diverged, "report": None}
     for run in () if report_only else study.runs:
@@ -270,9 +266,9 @@ def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, 
             continue
         log(plan.progress_line(f"evaluating {run.name} {checkpoint}.pt", plan.measured_rates()))
         evaluation = study.evaluation
-        evaluate_saved(run_path(run) / f"{checkpoint}.pt", run.attacks, n_examples=evaluation.n_examples,
-                       batch_size=evaluation.batch_size, device=run.config.device, seed=evaluation.seed,
-                       name=checkpoint, progress=progress, log=lambda _line: None)
+        protocol = SavedProtocol(run.attacks, evaluation.n_examples, evaluation.batch_size, evaluation.seed)
+        evaluate_saved(run_path(run) / f"{checkpoint}.pt", protocol, name=checkpoint, device=run.config.device,
+                       progress=progress, log=lambda _line: None)
 
 
 def _same_file(first: Path, second: Path) -> bool:

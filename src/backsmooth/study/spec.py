@@ -28,8 +28,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from backsmooth import config as cfg
 from backsmooth import methods
 from backsmooth.attacks import parse_attacks
@@ -170,10 +168,10 @@ def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
         raise ConfigError(f"study spec {spec} not found")
     try:
         text = spec.read_text(encoding="utf-8")
-        data = tomllib.loads(text)
+        data = cfg.parse_toml(text)
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read study spec {spec} ({error}); save it as UTF-8 TOML") from None
-    except tomllib.TOMLDecodeError as error:
+    except cfg.TOMLDecodeError as error:
         raise _fail(spec, f"not valid TOML ({error})") from None
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:

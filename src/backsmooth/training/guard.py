@@ -10,20 +10,19 @@ far (the best at least MIN_BEST, above chance-level noise) while the mean traini
 method's adversarial examples over the interval is at least RISE above its value at the best (a run
 whose training accuracy falls too is diverging or annealing, not overfitting).
 
-What follows a collapse is --on-collapse: stop the run (best.pt is from before), warn and go on, or roll
-back: the trainer keeps a copy of the training state from the guard's best check, restores it, multiplies
-the method's attack step size alpha by --rollback-factor and trains on; after MAX_ROLLBACKS it stops.
+What follows a collapse is --on-collapse (`response`): stop the run (best.pt is from before), warn and go on,
+or roll back: the trainer keeps a copy of the training state from the guard's best check, restores it,
+multiplies the method's attack step size alpha by --rollback-factor and trains on; after MAX_ROLLBACKS it stops.
 """
 
-import copy
 import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from backsmooth.accuracy import correct_under_attack, fraction
 from backsmooth.attacks import pgd
+from backsmooth.evaluation.accuracy import correct_under_attack, fraction
 
 GUARD_EXAMPLES = 256
 GUARD_STEPS = 5
@@ -45,6 +44,7 @@ class GuardState:
     collapse: dict[str, Any] | None = None  # the event that ended checking (none after a rollback)
     rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the events rolled back from
     alpha: float | None = None  # the method's alpha after the last rollback (None: the configured one)
+    seconds: float = 0.0  # time spent checking (not training time; reported beside it)
 
 
 class CollapseGuard:
@@ -71,6 +71,9 @@ class CollapseGuard:
             self.state.sums = [self.state.sums[0] + float(torch.stack(self.pending).sum()),
                                self.state.sums[1] + len(self.pending)]
             self.pending = []
+
+    def reference_check(self, model: nn.Module) -> None:
+        """Nothing to measure before training for this rule."""
 
     def due(self, step: int) -> bool:
         """Whether optimiser step `step` (1-based) is a checking step (none after a collapse: it fires once)."""
@@ -110,21 +113,19 @@ class CollapseGuard:
         state.alpha = alpha
 
 
-def snapshot(net: nn.Module, optimizer: torch.optim.Optimizer, average: Any, method: Any, step: int) -> dict[str, Any]:
-    """A copy of the training state at optimiser step `step`, to roll back to or keep as the pre-collapse model:
-    weights and buffers, optimiser, weight average, method state."""
-    return copy.deepcopy({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                          "average": average.state_dict() if average is not None else None,
-                          "method_state": dict(method.state), "step": step})
+def response(on_collapse: str, has_snapshot: bool, rollbacks: int) -> str:
+    """What the run does about a collapse: --on-collapse, except that a rollback with nothing to roll back to,
+    or after MAX_ROLLBACKS lower steps that did not help either, stops."""
+    if on_collapse == "rollback" and (not has_snapshot or rollbacks >= MAX_ROLLBACKS):
+        return "stop"
+    return on_collapse
 
 
-def restore(good: dict[str, Any], net: nn.Module, optimizer: torch.optim.Optimizer, average: Any,
-            method: Any) -> None:
-    """Put a `snapshot` back (copies, so the snapshot stays usable for a later rollback)."""
-    good = copy.deepcopy(good)
-    net.load_state_dict(good["model"])
-    optimizer.load_state_dict(good["optimizer"])
-    if average is not None:
-        average.load_state_dict(good["average"])
-    method.state.clear()
-    method.state.update(good["method_state"])
+def warning(event: dict[str, Any], alpha: float) -> str:
+    """The line printed when the guard fires (`alpha`: the method's step size before any rollback)."""
+    then = {"stop": "stopping, best.pt is from before", "warn": "going on",
+            "rollback": f"rolling back to the best check, alpha {alpha:.4g} -> {event.get('alpha', 0):.4g}"}
+    return (f"warning: catastrophic overfitting at step {event.get('step')}: guard PGD-5 accuracy "
+            f"{event.get('guard_pgd_acc', float('nan')):.1%}, best {event.get('guard_best', float('nan')):.1%}, "
+            f"training accuracy on the method's own attacks {event.get('train_adv_acc', float('nan')):.1%}; "
+            f"{then[event['action']]}")

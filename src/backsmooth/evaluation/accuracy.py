@@ -1,15 +1,16 @@
 """Per-example accuracy: correctness flags under an attack, their exact mean, the pointwise worst case
-and the stratified test subset every evaluation of a comparison shares. Used by training (validation
-and the final check) and by the evaluation suite."""
+the stratified test subset every evaluation of a comparison shares, and the sharded accuracy of a run's
+validation and final check (each torchrun process attacks its share). Used by training and by the suite."""
 
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from backsmooth.attacks import Perturbation, attack_mode
+from backsmooth import distributed as dist
+from backsmooth.attacks import Perturbation, attack_mode, pgd
 from backsmooth.data import unit_float
-from backsmooth.runtime import autocast
+from backsmooth.runtime import Runtime, autocast
 
 
 def to_unit_float(images: Tensor, device: torch.device) -> Tensor:
@@ -65,3 +66,25 @@ def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
         ranks[members] = torch.arange(len(members)) * len(labels) // len(members)
     chosen = order[torch.argsort(ranks, stable=True)[:n]]
     return chosen.sort().values
+
+
+def sharded_accuracy(model: nn.Module, images: Tensor, labels: Tensor, eps: float, pgd_steps: int, runtime: Runtime,
+                     *, batch_size: int, seed: int) -> tuple[float, float]:
+    """Clean and PGD-`pgd_steps` accuracy (step eps/4 as in `backsmooth eval`, random start, seeded by `seed`
+    and rank) of `model`, each rank attacking its shard of the images; NaN for an empty set (robust: also when
+    pgd_steps is 0)."""
+    proc, device = runtime.proc, runtime.device
+    shard = slice(proc.rank, None, proc.world_size)
+    images, labels = images[shard], labels[shard]
+    clean = correct_under_attack(model, images, labels, batch_size=batch_size, precision=runtime.precision)
+    robust = clean
+    if pgd_steps:
+        generator = torch.Generator(device).manual_seed(seed + proc.rank)
+        attack = pgd(eps, eps / 4, pgd_steps, random_start=True)
+        robust = clean & correct_under_attack(model, images, labels, attack, generator=generator,
+                                              batch_size=batch_size, precision=runtime.precision)
+    counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64, device=device)
+    n_clean, n_robust, n = dist.all_reduce_sum(counts, proc).tolist()
+    if n == 0:
+        return float("nan"), float("nan")
+    return n_clean / n, (n_robust / n if pgd_steps else float("nan"))

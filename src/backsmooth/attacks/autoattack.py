@@ -1,10 +1,13 @@
-"""AutoAttack (Croce & Hein 2020) through its maintained package, one component on one batch at a time.
+"""AutoAttack (Croce & Hein 2020) through its maintained package, one component on one batch at a time,
+and its names in the attack registry: `autoattack` (the standard ensemble, what RobustBench reports) and
+`autoattack-apgd` (its APGD-CE + APGD-T part, several times faster).
 
 Nothing of AutoAttack's algorithms is copied here: we build the package's own `AutoAttack` object
 with its "standard" settings, select one component, and call its `run_standard_evaluation`. Running
 components one at a time (in the standard order, each on the points the previous ones left robust)
 gives exactly the standard ensemble, while letting `backsmooth.evaluation` save per-example flags
-after every batch and report each component's contribution.
+after every batch and report each component's contribution. The package is imported only when an
+attack runs (or `autoattack_module()` is asked for it), so registering the names needs nothing installed.
 """
 
 import importlib
@@ -18,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backsmooth.attacks import attack_mode, predict_eval
+from backsmooth.attacks.engine import attack_mode, predict_eval
+from backsmooth.attacks.registry import AttackSpec, register
 from backsmooth.errors import BacksmoothError
 
 PACKAGES = ("pyautoattack", "autoattack")
@@ -26,6 +30,9 @@ PACKAGES = ("pyautoattack", "autoattack")
 
 STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
 """The components of AutoAttack "standard", in the order the package runs them."""
+
+AUTOATTACK_VARIANTS = {"autoattack": STANDARD, "autoattack-apgd": STANDARD[:2]}
+"""The registered AutoAttack names and the components each runs."""
 
 INSTALL_HINT = ("AutoAttack needs its package: pip install pyautoattack (or pip install 'backsmooth[autoattack]'); "
                 "the original `autoattack` package from github.com/fra31/auto-attack works too")
@@ -101,3 +108,7 @@ def run_component(model: nn.Module, component: str, x: Tensor, y: Tensor, eps: f
     if (x_adv - x).abs().amax() > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
         raise RuntimeError(f"AutoAttack's {component} returned points outside the eps ball or the [0, 1] box")
     return predict_eval(model, x_adv).argmax(1) == y
+
+
+register("|".join(AUTOATTACK_VARIANTS), tuple(AUTOATTACK_VARIANTS),
+         lambda m: AttackSpec(m.group(0), "autoattack", components=AUTOATTACK_VARIANTS[m.group(0)], loss="AutoAttack"))

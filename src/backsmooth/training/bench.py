@@ -2,9 +2,10 @@
 
 Reports the median over repetitions after warm-up, images per second, the ratios to natural
 training and to our TRADES-10, the passes each step makes (counted with hooks) against the
-floor of docs/algorithms.md#cost-in-forward-passes, and peak memory. A benchmark-only row, `trades_reference`, recreates
-the pass structure of the TRADES reference code (clean forward recomputed in every attack step
-and in the loss) so both comparisons of the paper can be read off one table.
+floor of docs/algorithms.md#cost-in-forward-passes (`?` for a method that declares none), and peak
+memory. A benchmark-only row, `trades_reference`, recreates the pass structure of the TRADES
+reference code (clean forward recomputed in every attack step and in the loss) so both comparisons
+of the paper can be read off one table.
 """
 
 import dataclasses
@@ -21,8 +22,9 @@ from backsmooth import methods, models
 from backsmooth.data import ArrayDataset, DeviceLoader
 from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod
-from backsmooth.runtime import resolve_device, synchronize
-from backsmooth.step import training_step
+from backsmooth.runtime import Runtime, resolve_device, synchronize
+from backsmooth.training.setup import Parts
+from backsmooth.training.step import training_step
 
 REFERENCE = "trades_reference"  # the benchmark-only row below
 
@@ -104,15 +106,16 @@ def _method(name: str, eps: float) -> TrainingMethod:
     return methods.build(name, **({"eps": eps} if takes_eps else {}))
 
 
-def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, device: torch.device, precision: str,
-               channels_last: bool, warmup: int, repeats: int, steps: int) -> list[float]:
+def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, runtime: Runtime, warmup: int,
+               repeats: int, steps: int) -> list[float]:
     """Seconds per step for each repetition (each the mean of `steps` steps), after `warmup` steps."""
+    device = runtime.device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    generator = torch.Generator(device).manual_seed(0)
+    scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
+    parts = Parts(model, model, method, optimizer, scaler, torch.Generator(device).manual_seed(0))
 
     def step() -> None:
-        training_step(model, method, optimizer, scaler, x, y, generator, device, precision, channels_last)
+        training_step(parts, x, y, runtime)
 
     for _ in range(warmup):
         step()
@@ -150,30 +153,47 @@ def time_data_pipeline(n_images: int, image_shape: tuple[int, int, int], batch_s
     return time.perf_counter() - begin
 
 
-def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), batch_size: int = 128,
-                  image_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10, eps: float = 8 / 255,
-                  device: str = "auto", precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                  warmup: int = 2, repeats: int = 5, steps: int = 3, epoch_images: int = 50_000,
-                  seed: int = 0) -> dict[str, Any]:
-    """Time every method on the same model, batch and device; see the module docstring."""
-    dev = resolve_device(device)
+@dataclasses.dataclass(frozen=True)
+class BenchSetup:
+    """What every method is timed on: the model, one random batch, and the timing protocol."""
+
+    arch: str = "small_cnn"
+    batch_size: int = 128
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = 10
+    eps: float = 8 / 255
+    compile: bool = False
+    warmup: int = 2
+    repeats: int = 5
+    steps: int = 3  # steps per timed repetition
+    epoch_images: int = 50_000  # images of the data-pipeline epoch (0: skip it)
+    seed: int = 0
+
+
+def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...] = (),
+                  runtime: Runtime | None = None) -> dict[str, Any]:
+    """Time every method on the same model, batch and device (`runtime`, default: the CPU, fp32); see the
+    module docstring."""
+    runtime = runtime or Runtime(resolve_device("cpu"))
+    dev, precision, channels_last = runtime.device, runtime.precision, runtime.channels_last
+    batch_size, image_shape, num_classes = setup.batch_size, setup.image_shape, setup.num_classes
     names = method_names or (*methods.names(), REFERENCE)
-    built = {name: _method(name, eps) for name in names}  # unknown names fail here, before any timing
-    generator = torch.Generator().manual_seed(seed)
+    built = {name: _method(name, setup.eps) for name in names}  # unknown names fail here, before any timing
+    generator = torch.Generator().manual_seed(setup.seed)
     x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
     rows = []
     for name in names:
-        torch.manual_seed(seed)
-        net = models.build(arch, num_classes, in_channels=image_shape[0]).to(dev)
+        torch.manual_seed(setup.seed)
+        net = models.build(setup.arch, num_classes, in_channels=image_shape[0]).to(dev)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         method = built[name]
         passes = count_passes(net, method, x, y)
-        model = torch.compile(net) if compile else net
+        model = torch.compile(net) if setup.compile else net
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        times = time_steps(model, method, x, y, dev, precision, channels_last, warmup, repeats, steps)
+        times = time_steps(model, method, x, y, runtime, setup.warmup, setup.repeats, setup.steps)
         median = statistics.median(times)
         rows.append({
             "method": name, "seconds_per_step": median, "seconds_per_repeat": times,
@@ -187,11 +207,12 @@ def run_benchmark(arch: str = "small_cnn", method_names: tuple[str, ...] = (), b
             if reference in by_name:
                 row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
     result: dict[str, Any] = {
-        "arch": arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
-        "eps": eps, "device": str(dev), "device_name": _device_name(dev), "precision": precision,
-        "channels_last": channels_last, "compile": compile, "warmup": warmup, "repeats": repeats,
-        "steps_per_repeat": steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+        "arch": setup.arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
+        "eps": setup.eps, "device": str(dev), "device_name": _device_name(dev), "precision": precision,
+        "channels_last": channels_last, "compile": setup.compile, "warmup": setup.warmup, "repeats": setup.repeats,
+        "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
     }
+    epoch_images = setup.epoch_images
     if epoch_images and "natural" in by_name:
         data_seconds = time_data_pipeline(epoch_images, image_shape, batch_size, dev)
         natural_epoch = (epoch_images // batch_size) * by_name["natural"]["seconds_per_step"]
@@ -223,10 +244,11 @@ def bench_table(result: dict[str, Any]) -> str:
         p = row["passes"]
         passes = f"{p['clean_forward']}/{p['input_gradient']}/{p['training']}/{p['double_backprop']}"
         memory = f"{row['peak_memory_mb']:.0f}" if row["peak_memory_mb"] is not None else "n/a"
+        floor = "?" if row["floor_f_units"] is None else row["floor_f_units"]  # a method without floor_units()
         ratios = " ".join(f"{row.get(f'ratio_to_{r}', float('nan')):>{w}.{d}f}"
                           for r, w, d in (("natural", 9, 2), ("fgsm_rs", 9, 2), ("trades", 11, 3)))
         lines.append(f"{row['method']:<20} {row['seconds_per_step']:>8.4f} {row['images_per_second']:>8.0f} "
-                     f"{ratios} {passes:>19} {row['f_units']:>4} {row['floor_f_units']:>5} {memory:>9}")
+                     f"{ratios} {passes:>19} {row['f_units']:>4} {floor:>5} {memory:>9}")
     if "data_pipeline" in result:
         d = result["data_pipeline"]
         lines.append(f"data pipeline: {d['seconds_per_epoch']:.3f} s per epoch of {d['images']} images = "

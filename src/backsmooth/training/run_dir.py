@@ -3,7 +3,8 @@
 Files: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (everything needed to resume
 exactly; checkpoint.prev.pt is the one before), last.pt and best.pt (model weights and metadata,
 loadable with `torch.load(path, weights_only=True)`), summary.json (final test results), and
-.lock, which the training process holds (an OS file lock, so a killed process releases it).
+.lock, which the training process holds (an OS file lock, so a killed process releases it). Nothing else
+writes into a run directory while it trains.
 """
 
 import json
@@ -30,12 +31,45 @@ CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # newest first
 RESUME_IGNORED = ("out", "device", "log_every")  # may change between a run and its resume
 
 
+class DirectoryLock:
+    """An OS lock on DIR/.lock held until released or the process ends (a killed process releases it), naming
+    its holder; a second process is refused in one line. Run directories and study folders both use it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (the folder must exist); refuse (one line) if another process holds it."""
+        if fcntl is None or self._handle is not None:
+            return
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by {holder}; wait for it to finish or stop it "
+                              f"(a killed process releases the lock), or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
 class RunDirectory:
     """The files of one run: checks before anything is written, the lock, and every write."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock: IO[str] | None = None
+        self._lock = DirectoryLock(path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -75,27 +109,10 @@ class RunDirectory:
                               f"use the run's original settings or a new --out")
 
     def lock(self) -> None:
-        """Hold the directory's lock until the process ends; refuse (one line) if another process holds it.
-
-        Only an existing directory is locked here; `create` locks a new one, so a run refused before it
-        starts leaves nothing behind.
-        """
-        if fcntl is None or self._lock is not None or not self.path.is_dir():
-            return
-        handle = open(self.file(".lock"), "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise ConfigError(f"run directory {self.path} is in use by {holder}; wait for it to finish or stop it "
-                              f"(a killed process releases the lock), or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self._lock = handle
+        """Hold the directory's lock (see DirectoryLock); only an existing directory is locked here, `create`
+        locks a new one, so a run refused before it starts leaves nothing behind."""
+        if self.path.is_dir():
+            self._lock.acquire()
 
     def create(self, stale: list[str]) -> None:
         """Make the directory, lock it, and delete the run files an --overwrite replaces."""
@@ -106,9 +123,7 @@ class RunDirectory:
 
     def release(self) -> None:
         """Give the lock back (the process ending does the same)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        self._lock.release()
 
     # ------------------------------------------------------------------ writing
 
@@ -126,12 +141,21 @@ class RunDirectory:
         """The checkpoints to resume from, newest first."""
         return [self.file(n) for n in CHECKPOINTS if self.file(n).exists()]
 
-    def save_model(self, model_file: dict[str, Any], best: bool) -> None:
+    def save_model(self, weights: dict[str, Any], meta: dict[str, Any], best: bool) -> None:
         """last.pt, and best.pt as a copy of it when this epoch is the best so far."""
-        checkpoint.save(self.file("last.pt"), model_file)
+        checkpoint.save(self.file("last.pt"), {"model": weights, "meta": meta})
         if best:
             shutil.copyfile(self.file("last.pt"), self.file(".best.pt.tmp"))
             self.file(".best.pt.tmp").replace(self.file("best.pt"))
+
+    def save_pre_collapse(self, weights: dict[str, Any], meta: dict[str, Any], good_weights: dict[str, Any],
+                          good_step: int) -> None:
+        """A run the guard stopped in its first epoch (no best.pt yet): last.pt is the collapsed model, best.pt
+        the model of the guard's best check (its meta names the step)."""
+        if self.file("best.pt").exists():
+            return
+        self.save_model(weights, meta, best=False)
+        checkpoint.save(self.file("best.pt"), {"model": good_weights, "meta": dict(meta, step=good_step)})
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         checkpoint.write_jsonl(self.file("metrics.jsonl"), rows)

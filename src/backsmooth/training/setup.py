@@ -1,0 +1,116 @@
+"""From a RunConfig to the typed parts of a run: its `Runtime`, its data splits, and its `Parts` (network,
+the module training calls, method, optimiser, scaler, loader, attack generator, weight average)."""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backsmooth import distributed as dist
+from backsmooth import methods, models
+from backsmooth.config import RunConfig
+from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
+from backsmooth.errors import ConfigError
+from backsmooth.methods import TrainingMethod
+from backsmooth.runtime import Runtime
+from backsmooth.training.averaging import WeightAverage
+
+
+@dataclasses.dataclass
+class Parts:
+    """What a training step works on. `net` is the network whose weights train; `model` is what the method
+    calls (net, compiled and DDP-wrapped as asked); `loader` is None where batches are fed by hand (bench)."""
+
+    net: nn.Module
+    model: nn.Module
+    method: TrainingMethod
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    loader: DeviceLoader | None = None
+    average: WeightAverage | None = None
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """What validation, selection, the final evaluation and last.pt / best.pt use: the average when on."""
+        return self.average.module if self.average is not None else self.net
+
+
+def runtime_for(config: RunConfig) -> Runtime:
+    """Join the torchrun group (if any) and check what the config asks of the device."""
+    runtime = dist.runtime(config.device, config.precision, config.channels_last)
+    if config.sync_bn and runtime.device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); drop it on CPU")
+    if config.on_nonfinite == "skip" and runtime.proc.distributed:
+        raise ConfigError("--on-nonfinite skip is not supported under torchrun (ranks would diverge); use stop")
+    return runtime
+
+
+def default_run_path(config: RunConfig, runtime: Runtime) -> Path:
+    """--out, else runs/METHOD-DATASET-ARCH-TIME (rank 0's time on every rank)."""
+    if config.out:
+        return Path(config.out)
+    name = f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(dist.broadcast_object(str(Path("runs") / name), runtime.proc))
+
+
+def default_val_size(config: RunConfig) -> int:
+    """--val-size, else the dataset's own default."""
+    return config.val_size if config.val_size is not None else dataset_kind(config.dataset).default_val_size
+
+
+def load_data(config: RunConfig, runtime: Runtime) -> DatasetSplits:
+    """The dataset splits; under torchrun rank 0 reads (and downloads, and fills the cache) first."""
+    proc = runtime.proc
+    if not proc.is_main:
+        dist.barrier(proc)
+    data = load_dataset(config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
+                        download=config.download and proc.is_main, cache_dir=config.cache_dir)
+    if proc.is_main:
+        dist.barrier(proc)
+    return data
+
+
+def build_parts(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> Parts:
+    """The run's parts, in an order that fixes every random draw: model weights from the run seed, then the
+    method's state, the loader's order, and the attack generator (which differs per rank)."""
+    net, model = build_model(config, data, runtime)
+    method = methods.build(config.method, **config.method_hyperparameters())
+    method.setup(len(data.train), data.image_shape, runtime.device, config.seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
+    loader = build_loader(config, data, runtime)
+    # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
+    generator = torch.Generator(runtime.device).manual_seed(config.seed + 1_000_003 * runtime.proc.rank)
+    average = WeightAverage(net, config.weight_averaging) if config.weight_averaging else None
+    return Parts(net, model, method, optimizer, scaler, generator, loader, average)
+
+
+def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
+    """(the network, the module training calls): compiled and DDP-wrapped as the config asks."""
+    torch.manual_seed(config.seed)
+    net = models.build(config.arch, data.num_classes, in_channels=data.image_shape[0], mean=data.mean,
+                       std=data.std).to(runtime.device)
+    if config.sync_bn and runtime.proc.distributed:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: nn.Module = torch.compile(net) if config.compile else net
+    if runtime.proc.distributed:  # attacks run on the wrapped module: no gradient or buffer syncs
+        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return net, model
+
+
+def build_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> DeviceLoader:
+    """Shuffled, augmented training batches; each rank gets its shard of every global batch."""
+    loader = DeviceLoader(data.train, config.batch_size, augment=data.augment, shuffle=True, drop_last=True,
+                          seed=config.seed, device=runtime.device, rank=runtime.proc.rank,
+                          world_size=runtime.proc.world_size)
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
+                          f"({len(data.train)} examples); lower --batch-size")
+    return loader

@@ -1,0 +1,36 @@
+"""One optimisation step of a training method on one batch, shared by the trainer and the benchmark."""
+
+from torch import Tensor
+
+from backsmooth.methods import StepContext
+from backsmooth.runtime import Runtime
+from backsmooth.training.setup import Parts
+
+
+def training_step(parts: Parts, x: Tensor, y: Tensor, runtime: Runtime, *, context: StepContext | None = None,
+                  skip_nonfinite: bool = False) -> dict[str, Tensor] | None:
+    """`method.replays` optimisation steps of the method on the batch (one for all but Free-AT), each followed by
+    the weight-average update when one is kept; returns the detached statistics of the last (None if a loss was
+    not finite and `skip_nonfinite`).
+
+    No host synchronisation unless `skip_nonfinite` (which must inspect the loss).
+    """
+    method, optimizer, scaler = parts.method, parts.optimizer, parts.scaler
+    x = runtime.layout(x)
+    extra = {"context": context} if method.takes_context() else {}
+    for _ in range(method.replays):
+        stats: dict[str, Tensor] = {}
+        with runtime.autocast():
+            loss = method(parts.model, x, y, generator=parts.generator, stats=stats, **extra)
+        if skip_nonfinite and not loss.isfinite():
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        method.after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if parts.average is not None:  # weight averaging: after every optimiser step
+            parts.average.update(parts.net)
+    stats["loss"] = loss.detach().float()
+    stats["nonfinite"] = (~stats["loss"].isfinite()).float()
+    return stats
