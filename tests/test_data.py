@@ -11,7 +11,6 @@ import struct
 import sys
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -581,9 +580,7 @@ def test_real_cifar10_jpeg(shared_data, real_cifar10):
 def test_real_cifar10_second_load_hits_the_cache(real_cifar10, real_cache, monkeypatch):
     folder, data = real_cifar10
     monkeypatch.setattr(files, "decode_images", lambda *a, **k: pytest.fail("decoded again instead of the cache"))
-    start = time.perf_counter()
-    again = load_dataset("cifar10", folder, val_size=1000, cache_dir=real_cache)
-    assert time.perf_counter() - start < 1.0
+    again = load_dataset("cifar10", folder, val_size=1000, cache_dir=real_cache)  # the cache, not the decoder
     assert torch.equal(again.test.images, data.test.images) and torch.equal(again.val.labels, data.val.labels)
 
 
