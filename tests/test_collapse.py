@@ -1,7 +1,9 @@
-"""The collapse guard on real catastrophic overfitting: FGSM-RS on MNIST (small_cnn, batch 128, SGD lr 0.05
-constant) at eps 0.3 with a step of 1.5 eps (alpha 0.45) collapses within its first epoch; at eps 0.1 (its default
-step, 1.25 eps) it trains robustly. The guard must stop the first, keeping a pre-collapse best.pt, and stay silent
-on the second while its own checks see the robustness. Needs the MNIST files of ../shared/data (skipped without)."""
+"""The collapse guard on real runs: FGSM-RS on MNIST (small_cnn, batch 128, SGD lr 0.05 constant) at eps 0.3 with a
+step of 1.5 eps (alpha 0.45) collapses within its first epoch; at eps 0.1 (its default step, 1.25 eps) it trains
+robustly; Backward Smoothing at eps 0.3 is healthy though FGSM overstates its robustness early on (the rule before
+this one stopped it at step 120). With --on-collapse stop the guard must stop the first, keeping a pre-collapse
+best.pt, and let the other two run while its own checks see their robustness. Needs the MNIST files of
+../shared/data (skipped without)."""
 
 import json
 
@@ -13,6 +15,7 @@ from backsmooth.config import from_mapping
 from backsmooth.data import load_dataset
 from backsmooth.evaluation.accuracy import correct_under_attack, fraction, stratified_subset, to_unit_float
 from backsmooth.training import train
+from backsmooth.training.guard import ALPHA
 
 SETTING = dict(dataset="mnist", arch="small_cnn", method="fgsm_rs", eps=0.3, batch_size=128, lr=0.05,
                schedule="constant", epochs=1, val_size=1000, val_pgd_steps=0, final_eval_examples=0,
@@ -35,8 +38,9 @@ def test_guard_stops_fgsm_rs_collapsing_on_mnist_and_keeps_the_pre_collapse_mode
     summary = train(from_mapping(dict(SETTING, alpha=0.45, data_dir=str(shared_data), out=str(out))), progress=False)
     event = summary["collapse"]
     assert event is not None and event["action"] == "stop" and event["epoch"] == 1
-    assert event["guard_pgd_acc"] < 0.5 * event["guard_best"]
-    assert event["train_adv_acc"] >= event["train_adv_acc_at_best"] + 0.05
+    # the signature: FGSM leaves most guard images correct, PGD almost none of them, both tests far below 0.001
+    assert event["guard_fgsm_acc"] > 0.5 and event["guard_pgd_acc"] < 0.25 * event["guard_fgsm_acc"]
+    assert event["p_keep"] < ALPHA and event["p_grow"] < ALPHA
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rows if r.get("event") != "guard"] == ["collapse"]
     assert rows[-1]["event"] == "collapse" and rows[-2]["event"] == "guard"  # the check that saw it, then the event
@@ -57,5 +61,18 @@ def test_guard_is_silent_on_a_healthy_run(shared_data, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("event") for r in rows} == {None, "guard"} and rows[-1]["epoch"] == 1
     checks = [r["guard_pgd_acc"] for r in rows if r.get("event") == "guard"]
-    # not silent for want of robustness: the checks saw it (seen here: 86% to 95% under PGD-5)
-    assert len(checks) >= 10 and min(checks[len(checks) // 2:]) > 0.5
+    # not silent for want of robustness: the checks saw it
+    assert len(checks) >= 6 and min(checks[len(checks) // 2:]) > 0.5
+
+
+def test_guard_lets_a_healthy_backward_smoothing_run_at_a_large_eps_go_on(shared_data, tmp_path):
+    out = tmp_path / "bs"
+    summary = train(from_mapping(dict(SETTING, method="backward_smoothing", data_dir=str(shared_data),
+                                      out=str(out))), progress=False)
+    assert summary["collapse"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r.get("event") == "guard"]
+    assert rows[-1]["epoch"] == 1 and len(checks) >= 6  # trained to the end of its epoch, checked all along
+    # early at eps 0.3 FGSM overstates its robustness (the signature, seen in 4 to 7 of 8 checks on 3 seeds here):
+    # Backward Smoothing's own attack is a KL step, not FGSM, so the guard logs it and records no collapse
+    assert any(c["signature"] for c in checks)

@@ -21,7 +21,7 @@ from backsmooth.schedules import learning_rate
 from backsmooth.training import train
 from backsmooth.training import trainer as trainer_module
 from backsmooth.training.averaging import WeightAverage, decay_at
-from backsmooth.training.guard import CollapseGuard, GuardState
+from backsmooth.training.guard import CollapseGuard, GuardState, evidence
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -138,41 +138,68 @@ def test_onecycle_values():
 # --------------------------------------------------------------------------- the collapse guard
 
 
-class Scripted(nn.Module):
-    """Predicts class 0 whatever the input (no attack can change it): its accuracy is the share of 0 labels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(len(x), 2) + 0 * self.scale * x.flatten(1).sum(1, keepdim=True)
-        out[:, 0] = 1.0  # class 0 everywhere; labels decide which examples count as correct
-        return out
+def _first(n: int, ones: int) -> torch.Tensor:
+    """n flags, the first `ones` of them True."""
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[:ones] = True
+    return flags
 
 
-def test_guard_rule_on_scripted_accuracies():
-    """Fires only after the first epoch, when guard accuracy is below the fraction of its best at two checks in
-    a row AND training accuracy on the method's examples rose by RISE over its value at the best."""
-    labels = torch.zeros(100, dtype=torch.long)
-    images = torch.rand(100, 1, 2, 2)
-    model = Scripted()
-    guard = CollapseGuard(images, labels, 0.1, every=1, threshold=0.5, state=GuardState(), start_step=2)
-    assert not guard.due(1) and not guard.due(2) and guard.due(3)  # nothing in the first epoch (2 steps)
-    trace = []
-    # (share of examples correct under the attack, training accuracy on the method's own examples)
-    for correct, train_acc in ((0.4, 0.5), (0.45, 0.55), (0.3, 0.7), (0.1, 0.4), (0.1, 0.58), (0.1, 0.7), (0.1, 0.7)):
-        labels[:] = 1
-        labels[:int(correct * 100)] = 0
-        guard.observe({"adv_accuracy": torch.tensor(train_acc)})
-        trace.append(guard.check(model, step=len(trace) + 3, epoch=1))
-    # 0.3 > 0.45 / 2; then 0.1 with training accuracy falling (0.4), then risen by only 3 points (0.58):
-    # neither counts; 0.7 counts once, and the second check in a row fires
-    assert trace[:6] == [None] * 6
-    event = trace[6]
-    assert event["guard_pgd_acc"] == 0.1 and event["guard_best"] == 0.45
-    assert event["train_adv_acc"] == pytest.approx(0.7)
-    assert not guard.due(20)  # it fires once
+def test_guard_evidence_is_counts_and_two_exact_tests_checkable_by_hand():
+    n = 100
+    clean, single = _first(n, 80), _first(n, 60)  # 60 images correct clean and under FGSM
+    reference = _first(n, 0) | (torch.arange(n) >= 95)  # 5 gap images at the reference, outside S now
+    found = evidence(clean, single, _first(n, 3), reference, keep=0.25)  # PGD keeps 3 of the 60
+    assert (found.single, found.kept, found.multi, found.up, found.down) == (60, 3, 3, 57, 5)
+    assert found.p_keep == pytest.approx(sum(math.comb(60, k) * 0.25 ** k * 0.75 ** (60 - k) for k in range(4)))
+    assert found.p_grow == pytest.approx(sum(math.comb(62, k) for k in range(57, 63)) / 2 ** 62)
+    assert found.signature
+    borderline = evidence(clean, single, _first(n, 6), reference, keep=0.25)  # 6 of 60: p_keep 0.0031, not enough
+    assert 0.001 < borderline.p_keep < 0.01 and not borderline.signature
+    healthy = evidence(clean, single, _first(n, 45), reference, keep=0.25)  # PGD keeps 45 of 60: no signature
+    assert healthy.kept == 45 and healthy.p_keep > 0.5 and not healthy.signature
+    weak = evidence(clean, _first(n, 8), _first(n, 0), None, keep=0.25)  # too few FGSM-correct images to judge
+    assert weak.p_keep == pytest.approx(0.75 ** 8) and not weak.signature
+
+
+def scripted_measure(trace: list[tuple[int, int, int]], n: int = 200):
+    """A guard measurement read from `trace`: (clean, FGSM, PGD) correct counts per check, nested first-k flags."""
+    calls = iter(trace)
+
+    def measure(self, model):
+        clean, single, multi = next(calls)
+        return _first(n, clean), _first(n, single), _first(n, multi)
+    return measure
+
+
+def guard_decisions(monkeypatch, trace: list[tuple[int, int, int]], decides: bool = True) -> list[dict | None]:
+    """The guard's answers to a scripted trace; its first entry is the reference check before training."""
+    monkeypatch.setattr(CollapseGuard, "measure", scripted_measure(trace))
+    guard = CollapseGuard(torch.rand(200, 1, 2, 2), torch.zeros(200, dtype=torch.long), 0.1, every=1, keep=0.25,
+                          state=GuardState(), start_step=0, decides=decides)
+    guard.reference_check(nn.Linear(1, 1))
+    return [guard.check(nn.Linear(1, 1), step, 0) for step in range(1, len(trace))]
+
+
+def test_guard_flags_a_run_that_is_never_robust_while_fgsm_accuracy_rises(monkeypatch):
+    # PGD accuracy stays at zero; FGSM accuracy rises from 5 to 150 of 200: the gap grows from the reference
+    decisions = guard_decisions(monkeypatch, [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 100, 0), (180, 150, 0)])
+    assert decisions[:2] == [None, None]  # 5 FGSM-correct images: too few; 40: the first signature
+    assert decisions[2]["step"] == 3 and decisions[2]["guard_pgd_acc"] == 0 and decisions[2]["guard_fgsm_acc"] == 0.5
+    assert decisions[3] is None  # it fires once
+
+
+def test_guard_logs_but_records_nothing_for_methods_whose_attack_is_not_one_ce_step(monkeypatch):
+    trace = [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 100, 0), (180, 150, 0)]
+    assert guard_decisions(monkeypatch, trace, decides=False) == [None] * 4
+    assert not methods.method_class("backward_smoothing").single_step_attack
+    assert methods.method_class("fgsm_rs").single_step_attack
+
+
+def test_guard_ignores_a_dip_of_both_attacks_and_a_single_bad_check(monkeypatch):
+    # healthy: PGD keeps most of what FGSM leaves; a dip where both fall; one check with the signature, then back
+    trace = [(20, 2, 0), (150, 80, 60), (150, 30, 20), (160, 90, 10), (170, 100, 70), (170, 110, 80)]
+    assert guard_decisions(monkeypatch, trace) == [None] * 5
 
 
 def test_guard_on_a_real_run_records_nothing_when_healthy(tmp_path):

@@ -64,11 +64,14 @@ def write_run(root: Path, name: str, *, method: str, seed: int = 0, arch: str = 
     return run
 
 
-def add_collapse(run: Path, *, epoch: int, step: int, action: str = "stop", summary: bool = True) -> None:
-    """A collapse event appended to metrics.jsonl as the trainer's guard writes it and, with `summary`, kept in
-    summary.json (without `action`, as the trainer's summary has it)."""
+def add_collapse(run: Path, *, epoch: int, step: int, action: str = "stop", summary: bool = True,
+                 legacy: bool = False) -> None:
+    """A collapse event appended to metrics.jsonl as the trainer's guard writes it (`legacy`: as the rule before the
+    FGSM/PGD one wrote it) and, with `summary`, kept in summary.json (without `action`, as the trainer's summary
+    has it)."""
     event = dict(event="collapse", epoch=epoch, step=step, guard_pgd_acc=0.04, guard_best=0.31, train_adv_acc=0.82,
-                 train_adv_acc_at_best=0.55, guard_examples=256)
+                 guard_examples=256) | (dict(train_adv_acc_at_best=0.55) if legacy else
+                                        dict(guard_fgsm_acc=0.85, p_keep=1e-30, p_grow=1e-20))
     with (run / "metrics.jsonl").open("a") as file:
         file.write(json.dumps(event | dict(action=action)) + "\n")
     if summary:
@@ -223,7 +226,7 @@ def test_a_collapsed_run_is_marked(tmp_path):
                           ("trades", "best (epoch 3)")]
     assert rows["fgsm_rs seed=0 (collapsed)", "best (epoch 2)"]["epochs"] == "2/3"
     data = json.loads((report.parent / "report.json").read_text())
-    where = "epoch 3 (step 20): guard PGD-5 4.0% vs best 31.0%, stopped"
+    where = "epoch 3 (step 20): guard FGSM 85.0% vs PGD 4.0%, stopped"
     assert [row["collapse"] for row in data["rows"]] == [where, None, None]
     (note,) = [n for n in data["notes"] if "collapse guard" in n]
     assert "best.pt is from before the collapse" in note and note.endswith(f"fgsm_rs seed=0 at {where}.")
@@ -236,8 +239,8 @@ def test_a_collapse_in_metrics_only_and_runs_without_one(tmp_path):
     """Without summary.json (the guard warned, training goes on) the first collapse event of metrics.jsonl counts;
     a report without collapses has `collapse` null, no mark and no note."""
     warned = write_run(tmp_path, "warned", method="fgsm_rs", summary=None)
-    add_collapse(warned, epoch=2, step=12, action="warn", summary=False)
-    add_collapse(warned, epoch=2, step=14, action="warn", summary=False)
+    add_collapse(warned, epoch=2, step=12, action="warn", summary=False, legacy=True)  # a run of the earlier rule
+    add_collapse(warned, epoch=2, step=14, action="warn", summary=False, legacy=True)
     run = read_run(warned)
     assert len(run.metrics) == 3 and [e["step"] for e in run.events] == [12, 14]
     assert [point[0] for point in collapse_points(run)] == [1.5, 1.75]

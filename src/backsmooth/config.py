@@ -59,11 +59,15 @@ class RunConfig:
     label_smoothing: float = _field(0.0, "label smoothing of the training loss's cross-entropy term (0: off)")
     weight_averaging: float = _field(0.0, "EMA decay tau of the weights, e.g. 0.9995; validation, selection, "
                                           "last.pt and best.pt use the average (0: off)")
-    collapse_every: int = _field(-1, "steps between collapse-guard checks (-1, the default: a 20th of an epoch, "
-                                     "at least 10 steps; 0: off); see docs/recipe.md")
-    collapse_fraction: float = _field(0.5, "collapse: guard PGD accuracy below this fraction of its best")
-    on_collapse: str = _field("stop", "stop keeping the last good best.pt (default), warn, or rollback: restore "
-                                      "the state of the guard's best check and lower alpha by --rollback-factor")
+    collapse_every: int = _field(-1, "steps between collapse-guard checks (-1, the default: a tenth of an epoch, "
+                                     "at least 10 steps; 0: off). A check costs 25 forward passes on each of 256 "
+                                     "validation images, by default 13% of a Backward Smoothing CIFAR-10 epoch, 26% of "
+                                     "an FGSM-RS one; its time is shown beside the training time. docs/recipe.md")
+    collapse_fraction: float = _field(0.25, "collapse evidence: PGD keeps fewer than this fraction of the guard "
+                                            "images FGSM leaves correct (an exact test at p < 0.001)")
+    on_collapse: str = _field("warn", "warn and go on (default), stop keeping the last good best.pt, or rollback: "
+                                      "restore the state of the guard's best check and lower alpha by "
+                                      "--rollback-factor")
     rollback_factor: float = _field(0.5, "--on-collapse rollback: factor on the method's attack step size alpha")
     schedule: str = _field("stage", f"learning-rate schedule, stepped per iteration: "
                                     f"{', '.join(schedules.SCHEDULES)}")
@@ -195,7 +199,8 @@ def validate(config: RunConfig) -> RunConfig:
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
     _check(c.weight_averaging == 0 or 0 < c.weight_averaging < 1,
            f"weight_averaging must be 0 (off) or a decay in (0, 1) such as 0.9995, got {c.weight_averaging}")
-    _check(c.collapse_every >= -1, f"collapse_every must be >= 0, or -1 for 5% of an epoch, got {c.collapse_every}")
+    _check(c.collapse_every >= -1,
+           f"collapse_every must be >= 0, or -1 for a tenth of an epoch, got {c.collapse_every}")
     _check(0 < c.collapse_fraction < 1, f"collapse_fraction must be in (0, 1), got {c.collapse_fraction}")
     _check(c.on_collapse in ("warn", "stop", "rollback"),
            f"on_collapse must be stop, warn or rollback, got {c.on_collapse!r}")

@@ -37,6 +37,7 @@ def backward_smoothing_start(model: nn.Module, x: Tensor, gamma: float, alpha: f
 class BackwardSmoothing(TrainingMethod):
     name = "backward_smoothing"
     summary = "the paper's method: TRADES robustness at about 0.4 of TRADES-10's cost; start here"
+    single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     steps: int = hyperparameter(1, "attack steps K")

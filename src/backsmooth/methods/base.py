@@ -80,6 +80,11 @@ class TrainingMethod:
     name: ClassVar[str]
     summary: ClassVar[str]
     adversarial: ClassVar[bool] = True  # trains on attacks (the collapse guard watches only such methods)
+    # trains on one cross-entropy sign step (the FGSM family): catastrophic overfitting, FGSM-robust but
+    # PGD-broken, is its known failure and the collapse guard decides on it. False for multi-step or KL-based
+    # attacks (PGD-AT, TRADES, Backward Smoothing), whose early training at a large eps shows the same gap
+    # without overfitting: the guard logs its counts but records no collapse
+    single_step_attack: ClassVar[bool] = True
     needs_index: ClassVar[bool] = False  # the trainer passes context.index (loader indices)
     shared_state: ClassVar[bool] = True  # state identical on every process (else each rank's own is saved)
     double_backprop: ClassVar[bool] = False  # differentiates input gradients of training forwards (GradAlign)

@@ -15,6 +15,7 @@ from backsmooth.methods.registry import register
 class PGDAT(TrainingMethod):
     name = "pgd_at"
     summary = "Madry's PGD-K adversarial training; strong but about 2K + 3 passes per step"
+    single_step_attack = False  # multi-step (the collapse guard logs, does not decide)
     eps: float = 8 / 255
     alpha: float = hyperparameter(2 / 255, "attack step size (default: the method's own)")
     steps: int = hyperparameter(10, "attack steps K")

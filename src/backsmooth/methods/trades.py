@@ -19,6 +19,7 @@ from backsmooth.methods.registry import register
 class TRADES(TrainingMethod):
     name = "trades"
     summary = "TRADES-K: the accuracy/robustness trade-off loss with a K-step KL attack; the quality reference"
+    single_step_attack = False  # KL steps (the collapse guard logs, does not decide)
     eps: float = 8 / 255
     alpha: float = hyperparameter(0.007, "attack step size (default: the method's own)")
     steps: int = hyperparameter(10, "attack steps K")
@@ -43,6 +44,7 @@ class TRADES(TrainingMethod):
 class FastTRADES(TrainingMethod):
     name = "fast_trades"
     summary = "TRADES with one KL step from a uniform random start; fast, less stable than Backward Smoothing"
+    single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     beta: float = hyperparameter(6.0, "weight of the KL term")

@@ -98,9 +98,9 @@ def notes(rows: Sequence[Row]) -> list[str]:
     collapsed = dict.fromkeys(f"{r.label} at {r.collapse}" for r in rows if r.collapse)
     if collapsed:
         lines.append(
-            f"The mark '{COLLAPSED.strip()}' after a run label: the collapse guard saw catastrophic overfitting, its "
-            "PGD-5 accuracy on a fixed batch of validation images having fallen below a fraction (--collapse-fraction, "
-            "0.5 by default) of its best while the training accuracy on the method's own adversarial examples held. "
+            f"The mark '{COLLAPSED.strip()}' after a run label: the collapse guard saw catastrophic overfitting: on a "
+            "fixed batch of validation images, at two checks in a row, PGD broke almost every image FGSM left "
+            "correct and that gap had grown (exact tests at p < 0.001; docs/recipe.md). "
             "A run it stopped (--on-collapse stop) has fewer epochs than planned and its best.pt is from before the "
             f"collapse; with --on-collapse warn training went on. Collapsed: {'; '.join(collapsed)}.")
     data_notes = dict.fromkeys((r.dataset, r.data_note) for r in rows if r.data_note)

@@ -78,7 +78,7 @@ def collapse_points(run: RunData) -> list[tuple[float, float, float]]:
 
 
 def guard_checks(run: RunData) -> list[tuple[float, float, float]]:
-    """(epochs done, training seconds, guard PGD-5 accuracy in %) of every collapse-guard check the run logged."""
+    """(epochs done, training seconds, guard PGD accuracy in %) of every collapse-guard check the run logged."""
     return [(float(e["epochs_done"]), float(e["total_train_seconds"]), 100 * float(e["guard_pgd_acc"]))
             for e in run.events if e["event"] == "guard" and finite_or_none(e.get("guard_pgd_acc")) is not None
             and finite_or_none(e.get("epochs_done")) is not None
@@ -104,7 +104,7 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                 axes.plot(*zip(*points), marker="o", markersize=3, label=label + suffix, **_style(index))
                 drawn += 1
             checks = guard_checks(run)
-            if checks:  # the guard's own PGD-5 accuracy on its batch, dotted in the run's colour
+            if checks:  # the guard's own PGD accuracy on its batch, dotted in the run's colour
                 axes.plot([c[0] if x_key == "epoch" else c[1] / scale for c in checks], [c[2] for c in checks],
                           linestyle=":", linewidth=1.2, color=_style(index)["color"], alpha=0.8)
                 guarded += 1
@@ -113,7 +113,7 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
                           markeredgewidth=2.5, linestyle="none", color=_style(index)["color"], zorder=3)
                 collapsed += 1
         if guarded:
-            axes.plot([], [], linestyle=":", color="black", label="collapse guard's PGD-5 (its batch)")
+            axes.plot([], [], linestyle=":", color="black", label="collapse guard's PGD (its batch)")
         if collapsed:  # one legend entry for every run's markers
             axes.plot([], [], marker="x", markersize=8, markeredgewidth=2, linestyle="none", color="black",
                       label="collapse (guard)")

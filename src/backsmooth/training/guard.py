@@ -1,18 +1,35 @@
-"""The collapse guard: catastrophic overfitting caught while it happens.
+"""The collapse guard: catastrophic overfitting caught while it happens, decided on counts.
 
-Single-step methods can collapse: within an epoch, PGD accuracy falls to near zero while accuracy
-on the method's own (single-step) adversarial examples keeps rising. Every `every` optimiser steps after
-the first quarter epoch (the first steps are too noisy to judge; on MNIST a collapse can come within the
-first epoch) the guard measures PGD-5 (step eps/4, random
-start, fixed seed) accuracy of the training model on one fixed batch of held-out validation images. A
-collapse is recorded when, at two checks in a row, that accuracy is below `fraction` of the best seen so
-far (the best at least MIN_BEST, above chance-level noise) while the mean training accuracy on the
-method's adversarial examples over the interval is at least RISE above its value at the best (a run
-whose training accuracy falls too is diverging or annealing, not overfitting).
+Catastrophic overfitting (Wong et al. 2020, Kim et al. 2021, de Jorge et al. 2022) has one signature: the
+model stays correct under a single-step attack while a multi-step attack breaks it, a gap between the two on
+the same images that grows as the collapse proceeds. Every `every` optimiser steps (default a tenth of an
+epoch) after the first quarter epoch, and once before training (the reference of a model that has learnt
+nothing), the guard classifies one fixed batch of up to GUARD_EXAMPLES held-out validation images three ways,
+in eval mode: clean, under FGSM (one step of eps from the clean image), and under PGD-GUARD_STEPS (step eps/4,
+random start, fixed seed). With S the images correct clean and under FGSM, K those of S that PGD leaves
+correct, and G = S minus K the gap, a check shows the signature when both exact one-sided tests reject at
+ALPHA:
 
-What follows a collapse is --on-collapse (`response`): stop the run (best.pt is from before), warn and go on,
-or roll back: the trainer keeps a copy of the training state from the guard's best check, restores it,
-multiplies the method's attack step size alpha by --rollback-factor and trains on; after MAX_ROLLBACKS it stops.
+- PGD keeps too few: P(Binomial(|S|, q) <= |K|) < ALPHA, q = --collapse-fraction (a healthy model keeps
+  most of what FGSM leaves correct; a collapsed one almost none);
+- the gap grew: McNemar's exact test on the same images between this check's gap flags and those of the
+  reference (the check with the smallest gap so far, at first the check before training):
+  P(Binomial(up + down, 1/2) >= up) < ALPHA, with `up` images in the gap now and not then, `down` the
+  reverse.
+
+A collapse is recorded when CONSECUTIVE checks in a row show the signature, for methods that train on one
+cross-entropy sign step (`TrainingMethod.single_step_attack`: FGSM-RS, N-FGSM, GradAlign, ELLE, FGSM-PGI,
+GAT, NuAT, Free-AT), for which FGSM stands for their own attack. It also catches a run that was never
+robust (its gap grows from the untrained model's), which a fall from a best cannot. For methods whose own
+attack is multi-step or KL-based (PGD-AT, TRADES, Fast TRADES, Backward Smoothing) FGSM is not the attack
+they train on: the signature says only that FGSM overstates the model's robustness (its single-step
+gradient is masked), which their early training at a large eps shows and outgrows (Backward Smoothing on
+MNIST at eps 0.3, docs/recipe.md). The guard logs their counts and records no collapse.
+
+What follows a collapse is --on-collapse (`response`): warn and go on (the default), stop the run
+(best.pt is from before), or roll back: the trainer keeps a copy of the training state from the guard's
+best check (the highest PGD accuracy among checks without the signature), restores it, multiplies the
+method's attack step size alpha by --rollback-factor and trains on; after MAX_ROLLBACKS it stops.
 """
 
 import dataclasses
@@ -21,43 +38,94 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backsmooth.attacks import pgd
-from backsmooth.evaluation.accuracy import correct_under_attack, fraction
+from backsmooth.attacks import fgsm, pgd
+from backsmooth.evaluation.accuracy import correct_under_attack
+from backsmooth.evaluation.checks import binomial_tail
 
 GUARD_EXAMPLES = 256
-GUARD_STEPS = 5
-MIN_BEST = 0.1
-RISE = 0.05
+GUARD_STEPS = 10
+ALPHA = 1e-3
 CONSECUTIVE = 2
 GUARD_START = 4  # checks begin after 1 / GUARD_START of the first epoch
+CHECKS_PER_EPOCH = 10  # the default interval (--collapse-every -1): a tenth of an epoch, at least 10 steps
 MAX_ROLLBACKS = 3
+CHECK_UNITS = 1 + (2 + 1) + (2 * GUARD_STEPS + 1)  # forward passes per image: clean, FGSM, PGD
 
 
 @dataclasses.dataclass
 class GuardState:
-    """What the guard remembers (part of TrainState, so resuming keeps it)."""
+    """What the guard remembers (part of the training state, so resuming keeps it)."""
 
-    best: float = -1.0
-    train_at_best: float = 0.0
+    best: float = -1.0  # the highest PGD accuracy of a check without the signature (the rollback point)
+    reference: list[bool] | None = None  # gap flags of the check with the smallest gap so far
     sums: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # train accuracy sum, count
-    below: int = 0  # consecutive checks that met the collapse condition
+    below: int = 0  # consecutive checks that showed the signature
     collapse: dict[str, Any] | None = None  # the event that ended checking (none after a rollback)
     rollbacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the events rolled back from
     alpha: float | None = None  # the method's alpha after the last rollback (None: the configured one)
     seconds: float = 0.0  # time spent checking (not training time; reported beside it)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """One check's counts and the two exact tests on them (every number checkable by hand)."""
+
+    examples: int
+    clean: int
+    single: int  # |S|: correct clean and under FGSM
+    kept: int  # |K|: of those, correct under PGD too
+    multi: int  # correct clean and under PGD
+    up: int  # in the gap now, not at the reference
+    down: int  # in the gap at the reference, not now
+    p_keep: float
+    p_grow: float
+
+    @property
+    def signature(self) -> bool:
+        return signature(self.p_keep, self.p_grow)
+
+
+def exact_tests(single: int, kept: int, up: int, down: int, keep: float) -> tuple[float, float]:
+    """(p_keep, p_grow) from the counts of a check (see the module docstring): the whole decision is a function
+    of these four numbers, so a logged check can be judged again by hand or by a script."""
+    return 1.0 - binomial_tail(kept + 1, single, keep), binomial_tail(up, up + down, 0.5)
+
+
+def signature(p_keep: float, p_grow: float) -> bool:
+    """Both tests reject at ALPHA."""
+    return p_keep < ALPHA and p_grow < ALPHA
+
+
+def evidence(clean: Tensor, single: Tensor, multi: Tensor, reference: Tensor | None, keep: float) -> Evidence:
+    """The counts and tests of a check from its per-example flags (see the module docstring)."""
+    single, multi = clean & single, clean & multi
+    kept = single & multi
+    gap = single & ~multi
+    before = reference if reference is not None else torch.zeros_like(gap)
+    up, down = int((gap & ~before).sum()), int((before & ~gap).sum())
+    n_single, n_kept = int(single.sum()), int(kept.sum())
+    p_keep, p_grow = exact_tests(n_single, n_kept, up, down, keep)
+    return Evidence(len(clean), int(clean.sum()), n_single, n_kept, int(multi.sum()), up, down, p_keep, p_grow)
+
+
 class CollapseGuard:
     """Checks a fixed validation batch every `every` steps; see the module docstring."""
 
-    def __init__(self, images: Tensor, labels: Tensor, eps: float, every: int, threshold: float,
-                 state: GuardState, start_step: int = 0) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, eps: float, every: int, keep: float,
+                 state: GuardState, start_step: int = 0, after_collapse: bool = False, decides: bool = True) -> None:
         self.images, self.labels = images[:GUARD_EXAMPLES], labels[:GUARD_EXAMPLES]
-        self.attack = pgd(eps, eps / 4, GUARD_STEPS, random_start=True)
-        self.every, self.threshold, self.state, self.start_step = every, threshold, state, start_step
+        self.single_step = fgsm(eps)
+        self.multi_step = pgd(eps, eps / 4, GUARD_STEPS, random_start=True)
+        self.every, self.keep, self.state, self.start_step = every, keep, state, start_step
+        self.after_collapse = after_collapse  # keep checking (and logging) after the event (--on-collapse warn)
+        self.decides = decides  # False for methods whose own attack is not a single CE step: log, record nothing
         self.pending: list[Tensor] = []  # this interval's accuracies, read from the device only when needed
         self.improved = False  # whether the last check set a new best (the trainer's rollback point)
-        self.last: dict[str, float] = {}  # the last check's guard and training accuracies (metrics.jsonl logs them)
+        self.last: dict[str, Any] = {}  # the last check's counts and tests (metrics.jsonl logs them)
+
+    @property
+    def active(self) -> bool:
+        return self.every > 0 and len(self.labels) > 0
 
     def observe(self, stats: dict[str, Tensor] | None) -> None:
         """Add one step's training accuracy on the method's adversarial examples (clean for natural)."""
@@ -72,35 +140,50 @@ class CollapseGuard:
                                self.state.sums[1] + len(self.pending)]
             self.pending = []
 
-    def reference_check(self, model: nn.Module) -> None:
-        """Nothing to measure before training for this rule."""
-
     def due(self, step: int) -> bool:
-        """Whether optimiser step `step` (1-based) is a checking step (none after a collapse: it fires once)."""
-        return (self.every > 0 and step > self.start_step and step % self.every == 0 and len(self.labels) > 0
-                and self.state.collapse is None)
+        """Whether optimiser step `step` (1-based) is a checking step. The event is recorded once; with
+        `after_collapse` the checks go on and are logged, else they end with it."""
+        return (self.active and step > self.start_step and step % self.every == 0
+                and (self.state.collapse is None or self.after_collapse))
+
+    def measure(self, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-example flags: correct clean, under FGSM, under PGD (fixed seed), the model in eval mode."""
+        device = next(model.parameters()).device
+        generator = torch.Generator(device).manual_seed(0)
+        return (correct_under_attack(model, self.images, self.labels),
+                correct_under_attack(model, self.images, self.labels, self.single_step),
+                correct_under_attack(model, self.images, self.labels, self.multi_step, generator=generator))
+
+    def reference_check(self, model: nn.Module) -> None:
+        """The check before training: the untrained model's gap is the first reference."""
+        if self.active and self.state.reference is None:
+            clean, single, multi = self.measure(model)
+            self.state.reference = (clean & single & ~multi).tolist()
 
     def check(self, model: nn.Module, step: int, epoch: int) -> dict[str, Any] | None:
         """The collapse event if one happened now, else None (call on the steps `due` names)."""
-        device = next(model.parameters()).device
-        generator = torch.Generator(device).manual_seed(0)
-        robust = fraction(correct_under_attack(model, self.images, self.labels, self.attack, generator=generator))
-        self.flush()
-        total, count = self.state.sums
-        train = total / count if count else float("nan")
-        self.state.sums = [0.0, 0.0]
+        clean, single, multi = self.measure(model)
         state = self.state
-        self.last = {"guard_pgd_acc": robust, "train_adv_acc": train}
-        self.improved = robust > state.best
+        reference = torch.tensor(state.reference, dtype=torch.bool) if state.reference is not None else None
+        found = evidence(clean, single, multi, reference, self.keep)
+        gap = clean & single & ~multi
+        if reference is None or int(gap.sum()) < int(reference.sum()):
+            state.reference = gap.tolist()
+        self.flush()
+        total, count = state.sums
+        train = total / count if count else float("nan")
+        state.sums = [0.0, 0.0]
+        robust = found.multi / found.examples
+        self.last = dict(dataclasses.asdict(found), signature=found.signature, guard_pgd_acc=robust,
+                         guard_fgsm_acc=found.single / found.examples, train_adv_acc=train)
+        self.improved = not found.signature and robust > state.best
         if self.improved:
-            state.best, state.train_at_best, state.below = robust, train, 0
-            return None
-        falling = state.best >= MIN_BEST and robust < self.threshold * state.best
-        state.below = state.below + 1 if falling and train >= state.train_at_best + RISE else 0
-        if state.below >= CONSECUTIVE:
-            state.collapse = {"event": "collapse", "epoch": epoch + 1, "step": step, "guard_pgd_acc": robust,
-                              "guard_best": state.best, "train_adv_acc": train, "train_adv_acc_at_best":
-                              state.train_at_best, "guard_examples": len(self.labels)}
+            state.best = robust
+        state.below = state.below + 1 if found.signature else 0
+        if self.decides and state.below >= CONSECUTIVE and state.collapse is None:
+            state.collapse = {"event": "collapse", "epoch": epoch + 1, "step": step, "guard_examples": found.examples,
+                              **{k: self.last[k] for k in ("guard_pgd_acc", "guard_fgsm_acc", "p_keep", "p_grow",
+                                                           "train_adv_acc")}, "guard_best": state.best}
             return state.collapse
         return None
 
@@ -125,7 +208,10 @@ def warning(event: dict[str, Any], alpha: float) -> str:
     """The line printed when the guard fires (`alpha`: the method's step size before any rollback)."""
     then = {"stop": "stopping, best.pt is from before", "warn": "going on",
             "rollback": f"rolling back to the best check, alpha {alpha:.4g} -> {event.get('alpha', 0):.4g}"}
-    return (f"warning: catastrophic overfitting at step {event.get('step')}: guard PGD-5 accuracy "
-            f"{event.get('guard_pgd_acc', float('nan')):.1%}, best {event.get('guard_best', float('nan')):.1%}, "
-            f"training accuracy on the method's own attacks {event.get('train_adv_acc', float('nan')):.1%}; "
-            f"{then[event['action']]}")
+    nan, best = float("nan"), event.get("guard_best", -1.0)
+    best = f" (best {best:.1%})" if best >= 0 else " (never robust at a check)"
+    return (f"warning: catastrophic overfitting at step {event.get('step')}: on the guard's "
+            f"{event.get('guard_examples')} images, FGSM accuracy {event.get('guard_fgsm_acc', nan):.1%} but "
+            f"PGD-{GUARD_STEPS} {event.get('guard_pgd_acc', nan):.1%}{best}, "
+            f"at {CONSECUTIVE} checks in a row (exact tests p {event.get('p_keep', nan):.1g} and "
+            f"{event.get('p_grow', nan):.1g}); {then[event['action']]}")

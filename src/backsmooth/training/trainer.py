@@ -25,7 +25,7 @@ from backsmooth.evaluation.accuracy import sharded_accuracy, stratified_subset
 from backsmooth.methods import StepContext
 from backsmooth.runtime import Stopwatch
 from backsmooth.schedules import learning_rate
-from backsmooth.training.guard import GUARD_START, CollapseGuard, response, warning
+from backsmooth.training.guard import CHECKS_PER_EPOCH, GUARD_START, CollapseGuard, response, warning
 from backsmooth.training.run_dir import RunDirectory
 from backsmooth.training.setup import build_parts, default_run_path, load_data, runtime_for
 from backsmooth.training.state import (
@@ -85,11 +85,13 @@ class Trainer:
                 self.run_dir.write_metrics(self.state.metrics)
         self.loader = self.parts.loader
         steps = len(self.loader)
-        every = max(steps // 20, 10) if config.collapse_every == -1 else config.collapse_every
+        every = max(steps // CHECKS_PER_EPOCH, 10) if config.collapse_every == -1 else config.collapse_every
         every = every if self.parts.method.adversarial else 0  # natural training has no attack to overfit to
         self.guard = CollapseGuard(self.data.val.images, self.data.val.labels, config.eps, every,
                                      config.collapse_fraction, self.state.guard,
-                                     start_step=max(steps // GUARD_START, 1))
+                                     start_step=max(steps // GUARD_START, 1),
+                                     after_collapse=config.on_collapse == "warn",
+                                     decides=self.parts.method.single_step_attack)
         if self.state.global_step == 0:
             self._time_guard(lambda: self.guard.reference_check(self.parts.net))
 
