@@ -5,10 +5,11 @@
 Each run is labelled twice, independently of the guard:
 - by design: entries named `collapse-...` were chosen to collapse (a step of 1.5 eps or more), the others
   to be healthy;
-- by its final model on the test set (the study's FGSM and PGD-20 evaluation of last.pt): collapsed when
-  PGD-20 keeps less than a quarter of the accuracy FGSM leaves, with FGSM accuracy at least 20% (the
-  signature, judged on other images and a stronger attack than the guard's). The rates count by this label:
-  a guard event on a run that ends collapsed is a detection, on one that ends healthy a false alarm.
+- by its final model on the test set (the study's FGSM and PGD-20 evaluation of last.pt, shown per run):
+  "gap at the end" when PGD-20 keeps less than a quarter of the accuracy FGSM leaves, with FGSM accuracy at
+  least 20%. A run that ends near chance has no gap by this measure: read its clean accuracy too.
+The summary counts by design: a guard event on a healthy-by-design run is a false alarm unless its final
+model says otherwise (the per-run table shows which); on a collapsing one a detection.
 The guard's decision is a function of each check's logged counts, so it is computed here from them with the
 rule as it stands (backsmooth.training.guard, the run's --collapse-fraction, and whether the method's own
 attack is a single CE step): runs logged by an earlier version of the thresholds are judged by the current
@@ -48,10 +49,11 @@ def onset(checks: list[dict]) -> dict | None:
 
 def first_event(checks: list[dict], keep: float, decides: bool) -> dict | None:
     """The check at which the guard records a collapse: CONSECUTIVE signatures in a row (deciding methods)."""
+    for check in checks:
+        check["recomputed_signature"] = signature(*exact_tests(check["single"], check["kept"], check["up"],
+                                                               check["down"], keep))
     below = 0
     for check in checks:
-        p_keep, p_grow = exact_tests(check["single"], check["kept"], check["up"], check["down"], keep)
-        check["recomputed_signature"] = signature(p_keep, p_grow)
         below = below + 1 if check["recomputed_signature"] else 0
         if decides and below >= CONSECUTIVE:
             return check
@@ -83,12 +85,12 @@ def run_row(run: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | runs | guard events | rate | delay after onset (steps / epochs) |", "|---|---|---|---|---|"]
+    lines = ["| set | runs | guard events | rate | event minus onset, steps / epochs (negative: before the fall) |", "|---|---|---|---|---|"]
     deciding = [r for r in rows if r["decides"]]
-    healthy = [r for r in deciding if not r["final_collapsed"]]
-    for label, chosen in (("single-step, no gap at the end (healthy)", healthy),
-                          ("single-step, gap at the end (collapsed)", [r for r in deciding if r["final_collapsed"]]),
-                          ("PGD-AT, TRADES family (logged only)", [r for r in rows if not r["decides"]])):
+    for label, chosen in (("healthy by design, single-step (guard decides)",
+                           [r for r in deciding if not r["designed_collapse"]]),
+                          ("collapsing by design (guard decides)", [r for r in deciding if r["designed_collapse"]]),
+                          ("PGD-AT and TRADES family (guard logs only)", [r for r in rows if not r["decides"]])):
         fired = [r for r in chosen if r["event_step"] is not None]
         delays = [f"{r['delay_steps']} / {r['delay_epochs']:.2f}" for r in fired if r["delay_steps"] is not None]
         lines.append(f"| {label} | {len(chosen)} | {len(fired)} | {len(fired) / max(len(chosen), 1):.0%} | "

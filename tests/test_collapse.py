@@ -48,10 +48,10 @@ def test_guard_stops_fgsm_rs_collapsing_on_mnist_and_keeps_the_pre_collapse_mode
     best_meta = torch.load(out / "best.pt", weights_only=True)["meta"]
     assert best_meta["step"] < event["step"]
     data = load_dataset("mnist", str(shared_data), val_size=1000)
-    # seen here: clean 87.2% and PGD-5 26.4% before (step 207), 36.2% and 11.0% after the collapse (step 345)
-    (clean_before, robust_before), (clean_after, robust_after) = (accuracies(out / f, data) for f in ("best.pt",
-                                                                                                    "last.pt"))
-    assert robust_before > robust_after + 0.08 and clean_before > clean_after, (robust_before, robust_after)
+    # seen here: PGD-5 35.4% on the test digits at the guard's best check (step 184), 30.6% at the stop (step 276):
+    # the guard stops early in the collapse (the rule before this one stopped at step 345, at 11.0%)
+    (_, robust_before), (_, robust_after) = (accuracies(out / f, data) for f in ("best.pt", "last.pt"))
+    assert robust_before > robust_after, (robust_before, robust_after)
 
 
 def test_guard_is_silent_on_a_healthy_run(shared_data, tmp_path):
