@@ -85,7 +85,8 @@ def run_row(run: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | runs | guard events | rate | event minus onset, steps / epochs (negative: before the fall) |", "|---|---|---|---|---|"]
+    lines = ["| set | runs | guard events | rate | event minus onset, steps / epochs (negative: before the fall) |",
+             "|---|---|---|---|---|"]
     deciding = [r for r in rows if r["decides"]]
     for label, chosen in (("healthy by design, single-step (guard decides)",
                            [r for r in deciding if not r["designed_collapse"]]),
