@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,8 +18,8 @@ from backsmooth.checkpoint import write_jsonl
 from backsmooth.config import RunConfig
 from backsmooth.errors import BacksmoothError, DataError
 from backsmooth.evaluation import evaluate, model_info
-from backsmooth.report import PLOTS, build_report, read_run, run_labels
-from backsmooth.report.plots import collapse_points, guard_checks
+from backsmooth.report import PLOTS, build_report, build_rows, read_run, run_labels
+from backsmooth.report.plots import collapse_points, guard_checks, robust_measure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEGACY_METHOD_KEYS = ("alpha", "beta", "gamma", "steps", "grad_align_lambda")  # top-level in older config.json
@@ -79,23 +80,25 @@ def add_collapse(run: Path, *, epoch: int, step: int, action: str = "stop", summ
 
 
 def write_eval(run: Path, name: str, result: dict[str, Any], which: str, clean: float,
-               per_attack: dict[str, float], robust: float | None = None) -> None:
-    """eval-NAME.json as `backsmooth eval` writes it, with the given accuracies (robust: the pointwise worst case)."""
+               per_attack: dict[str, float], robust: float | None = None, *, n_examples: int = 1000,
+               subset_seed: int = 0, epoch: int = 3) -> None:
+    """eval-NAME.json as `backsmooth eval` writes it, with the given accuracies (robust: the pointwise worst case)
+    on the stratified test subset of `n_examples` chosen with `subset_seed`."""
     result = copy.deepcopy(result)
-    result.update(clean_acc=clean, per_attack=per_attack, n_examples=1000,
+    result.update(clean_acc=clean, per_attack=per_attack, n_examples=n_examples,
                   robust_acc=min(per_attack.values()) if robust is None else robust)
     if "autoattack-apgd" in per_attack:
         result["attacks"] = {"autoattack-apgd": dict(robust_acc=per_attack["autoattack-apgd"], settings=dict(
             kind="autoattack", eps=8 / 255, norm="Linf", version="standard", components=["apgd-ce", "apgd-t"]))}
-    extra = dict(checkpoint=dict(path=str(run / f"{which}.pt"), method="backward_smoothing", epoch=3),
-                 subset=dict(n_examples=1000, test_size=10000, seed=0, stratified=True))
+    extra = dict(checkpoint=dict(path=str(run / f"{which}.pt"), method="backward_smoothing", epoch=epoch),
+                 subset=dict(n_examples=n_examples, test_size=10000, seed=subset_seed, stratified=True))
     atomic_write_json(run / f"eval-{name}.json", model_info(result, name, "resnet18", "cifar10", extra))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, real_result) -> list[Path]:
-    """TRADES (default 10 steps), two seeds of Backward Smoothing (one evaluated), an unfinished PGD-AT; two runs
-    carry the same data note, one an older summary.json without it."""
+    """TRADES (default 10 steps), two seeds of Backward Smoothing (both evaluated on the same subset, seed 1 with
+    PGD-20 only), an unfinished PGD-AT; two runs carry the same data note, one an older summary.json without it."""
     root = tmp_path_factory.mktemp("runs")
     trades = write_run(root, "trades", method="trades", epoch_seconds=(30.0, 20.0, 20.0), data_note=JPEG_NOTE)
     bs0 = write_run(root, "bs0", method="backward_smoothing", seed=0, epoch_seconds=(12.0, 5.0, 5.0),
@@ -107,6 +110,7 @@ def runs(tmp_path_factory, real_result) -> list[Path]:
                robust=0.45)
     bs1 = write_run(root, "bs1", method="backward_smoothing", seed=1, epoch_seconds=(7.0, 7.0, 8.0),
                     summary=(0.84, 0.52))
+    write_eval(bs1, "best", real_result, "best", 0.84, {"pgd20": 0.52})
     pgd = write_run(root, "pgd", method="pgd_at", arch="wrn34_10", epoch_seconds=(100.0, 200.0),
                     val_robust=(0.3, 0.4), val_clean=(0.6, 0.7), summary=None)
     return [trades, bs0, bs1, pgd]
@@ -134,27 +138,32 @@ def markdown_table(text: str, first_column: str) -> dict[tuple[str, str], dict[s
 def test_main_table_values(report):
     text = report.read_text()
     rows = markdown_table(text, "run")
+    header = text.splitlines()[2].split(" | ")  # one column per attack evaluated, in order, then the worst case
+    assert header[7:12] == ["clean", "PGD-20", "CW-20", "AutoAttack-APGD", "worst case"]
     assert list(rows) == [("trades", "best (epoch 3)"), ("backward_smoothing seed=0", "best (epoch 3)"),
                           ("backward_smoothing seed=0", "last (epoch 3)"),
                           ("backward_smoothing seed=1", "best (epoch 3)"), ("pgd_at", "best (epoch 2)")]
     trades = rows["trades", "best (epoch 3)"]
     assert (trades["method"], trades["arch"], trades["dataset"], trades["eps"], trades["epochs"]) == (
         "trades", "resnet18", "cifar10", "8/255", "3")
-    assert (trades["clean"], trades["PGD-20"], trades["CW"], trades["AutoAttack"]) == ("80.00", "45.00", "n/a", "n/a")
+    assert (trades["clean"], trades["PGD-20"], trades["CW-20"], trades["AutoAttack-APGD"]) == (
+        "80.00", "45.00", "n/a", "n/a")
     assert (trades["examples"], trades["train time"], trades["time/epoch"], trades["vs TRADES-10"]) == (
         "1000", "1m 10s", "20.0 s", "1.00x")
     assert trades["source"] == "summary.json" and trades["worst case"] == "45.00"  # PGD-20 is its only attack
     best = rows["backward_smoothing seed=0", "best (epoch 3)"]  # two eval files of best.pt merged
-    assert (best["clean"], best["PGD-20"], best["CW"]) == ("82.00", "50.00", "48.00")
-    assert best["AutoAttack"] == "46.00 (APGD-CE + APGD-T)"
+    assert (best["clean"], best["PGD-20"], best["CW-20"], best["AutoAttack-APGD"]) == (
+        "82.00", "50.00", "48.00", "46.00")
     assert best["source"] == "eval-best-aa.json, eval-best.json"
     assert best["worst case"] == "<= 46.00"  # no file ran all three attacks: the lowest file result bounds it
     assert (best["train time"], best["time/epoch"], best["vs TRADES-10"]) == ("22.0 s", "5.0 s", "0.25x")
     last = rows["backward_smoothing seed=0", "last (epoch 3)"]
-    assert (last["clean"], last["PGD-20"], last["CW"]) == ("81.00", "49.00", "47.00")
-    assert last["AutoAttack"] == "46.00 (APGD-CE + APGD-T)"
+    assert (last["clean"], last["PGD-20"], last["CW-20"], last["AutoAttack-APGD"]) == (
+        "81.00", "49.00", "47.00", "46.00")
     assert last["worst case"] == "45.00"  # eval-last-all.json ran every attack of the row: its pointwise result
-    assert rows["backward_smoothing seed=1", "best (epoch 3)"]["vs TRADES-10"] == "0.35x"
+    seed1 = rows["backward_smoothing seed=1", "best (epoch 3)"]
+    assert (seed1["PGD-20"], seed1["CW-20"], seed1["source"], seed1["vs TRADES-10"]) == (
+        "52.00", "n/a", "eval-best.json", "0.35x")
     pgd = rows["pgd_at", "best (epoch 2)"]  # unfinished, no TRADES-10 with wrn34_10: validation numbers, n/a
     assert (pgd["epochs"], pgd["clean"], pgd["PGD-20"], pgd["examples"]) == ("2/3", "70.00", "40.00", "200 val")
     assert (pgd["train time"], pgd["time/epoch"], pgd["vs TRADES-10"]) == ("5m 00s", "2m 30s", "n/a")
@@ -166,12 +175,12 @@ def test_seeds_are_aggregated(report):
     groups = markdown_table(report.read_text(), "runs")
     assert list(groups) == [("backward_smoothing", "best")]  # last.pt was evaluated for one seed only
     group = groups["backward_smoothing", "best"]
-    assert (group["n"], group["seeds"]) == ("2", "0, 1")
+    assert (group["n"], group["seeds"], group["examples"]) == ("2", "0, 1", "1000")
     assert (group["clean"], group["PGD-20"]) == ("83.00 ± 1.41", "51.00 ± 1.41")
-    assert (group["CW"], group["AutoAttack"]) == ("n/a", "n/a")  # seed 1 has no eval file
+    assert (group["CW-20"], group["AutoAttack-APGD"]) == ("n/a", "n/a")  # seed 1 ran PGD-20 only
     assert group["worst case"] == "n/a"  # seed 0's is an upper bound only
     assert (group["time/epoch"], group["vs TRADES-10"]) == ("6.0 s ± 1.4 s", "0.30 ± 0.07")
-    assert group["source"] == "eval + test"
+    assert group["source"] == "eval"
 
 
 def test_plots_are_pngs_linked_from_the_report(report):
@@ -184,16 +193,21 @@ def test_plots_are_pngs_linked_from_the_report(report):
 def test_report_json_holds_the_rows(report, runs):
     data = json.loads((report.parent / "report.json").read_text())
     assert data["runs"] == [str(r) for r in runs] and data["plots"] == list(PLOTS)
+    assert data["clean_vs_robust"] == "pgd20"
     assert len(data["rows"]) == 5
     best = data["rows"][1]
     assert (best["run_dir"], best["checkpoint"], best["source_kind"]) == (str(runs[1]), "best", "eval")
     assert best["per_attack"] == {"pgd20": 0.50, "cw20": 0.48, "autoattack-apgd": 0.46}
     assert (best["autoattack_variant"], best["cw_attack"], best["n_examples"]) == ("APGD-CE + APGD-T", "cw20", 1000)
+    assert best["subset_seed"] == 0 and data["rows"][0]["subset_seed"] == 0  # summary.json: the run's seed
     assert best["relative_to_trades10"] == pytest.approx(0.25) and best["seconds_per_epoch"] == 5.0
     assert data["rows"][4]["relative_to_trades10"] is None and data["rows"][0]["cw_acc"] is None
     (group,) = data["seed_groups"]
     assert group["clean_acc"] == pytest.approx(dict(mean=0.83, std=2 ** 0.5 / 100))
     assert group["cw_acc"] is None and group["seeds"] == [0, 1]
+    assert (group["n_examples"], group["subset_seed"]) == (1000, 0)
+    assert group["per_attack"]["pgd20"] == pytest.approx(dict(mean=0.51, std=2 ** 0.5 / 100))
+    assert group["per_attack"]["cw20"] is None and group["per_attack"]["autoattack-apgd"] is None
     assert data["notes"][-1] == f"cifar10: {JPEG_NOTE}"
 
 
@@ -202,17 +216,21 @@ def test_report_json_keeps_the_keys_of_earlier_reports(report):
     data = json.loads((report.parent / "report.json").read_text())
     docs = Path(__file__).resolve().parents[1] / "docs" / "results"
     earlier = json.loads((docs / "study-seeds" / "report.json").read_text())
-    assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0]) | {"collapse"}}  # new key
-    assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0]) | {"collapsed"}
+    new_row_keys = {"collapse", "subset_seed"}
+    assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0]) | new_row_keys}
+    new_group_keys = {"collapsed", "n_examples", "subset_seed", "per_attack"}
+    assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0]) | new_group_keys
 
 
-def test_a_collapsed_run_is_marked(tmp_path):
+def test_a_collapsed_run_is_marked(tmp_path, real_result):
     """A run the collapse guard stopped in epoch 3: its event is apart from the epochs, its row says where it
     collapsed, report.md marks it once with one note; its seed group counts it; other runs carry no collapse."""
     stopped = write_run(tmp_path, "fgsm0", method="fgsm_rs", seed=0, epoch_seconds=(10.0, 10.0),
                         val_robust=(0.3, 0.4), val_clean=(0.6, 0.7))
     add_collapse(stopped, epoch=3, step=20)
+    write_eval(stopped, "best", real_result, "best", 0.7, {"pgd20": 0.1}, epoch=2)
     fine = write_run(tmp_path, "fgsm1", method="fgsm_rs", seed=1)  # an older summary.json without "collapse"
+    write_eval(fine, "best", real_result, "best", 0.8, {"pgd20": 0.4})
     trades = write_run(tmp_path, "trades", method="trades")
     atomic_write_json(trades / "summary.json", json.loads((trades / "summary.json").read_text()) | dict(collapse=None))
     run = read_run(stopped)
@@ -254,6 +272,116 @@ def test_a_collapse_in_metrics_only_and_runs_without_one(tmp_path):
     assert "collapsed" not in plain.read_text()
 
 
+def test_one_run_evaluated_on_several_subsets_is_no_seed_group(tmp_path, real_result):
+    """One run evaluated on 359 examples (two files, merged), on 359 chosen with another seed, and with AutoAttack on
+    60: three rows, told apart by their subsets, and no seed table (one run is not two seeds)."""
+    run = write_run(tmp_path, "bs", method="backward_smoothing")
+    write_eval(run, "best", real_result, "best", 0.82, {"pgd20": 0.50}, n_examples=359)
+    write_eval(run, "best-cw", real_result, "best", 0.82, {"cw20": 0.48}, n_examples=359)
+    write_eval(run, "best-s1", real_result, "best", 0.81, {"pgd20": 0.49}, n_examples=359, subset_seed=1)
+    write_eval(run, "best-aa", real_result, "best", 0.80, {"autoattack-apgd": 0.40}, n_examples=60)
+    report = build_report([run], tmp_path / "out")
+    text = report.read_text()
+    rows = markdown_table(text, "run")
+    assert list(rows) == [("backward_smoothing", "best (epoch 3), n=60"),
+                          ("backward_smoothing", "best (epoch 3), n=359, subset seed 0"),
+                          ("backward_smoothing", "best (epoch 3), n=359, subset seed 1")]
+    small, first, second = rows.values()
+    assert (first["PGD-20"], first["CW-20"], first["AutoAttack-APGD"], first["examples"]) == (
+        "50.00", "48.00", "n/a", "359")
+    assert (second["PGD-20"], second["CW-20"], second["source"]) == ("49.00", "n/a", "eval-best-s1.json")
+    assert (small["clean"], small["PGD-20"], small["AutoAttack-APGD"], small["examples"]) == (
+        "80.00", "n/a", "40.00", "60")
+    assert "Mean ± std over seeds" not in text and "| runs |" not in text
+    data = json.loads((report.parent / "report.json").read_text())
+    assert data["seed_groups"] == []
+    assert [(r["n_examples"], r["subset_seed"]) for r in data["rows"]] == [(60, 0), (359, 0), (359, 1)]
+    assert any(note.startswith("A run evaluated on several test subsets") for note in data["notes"])
+
+
+def test_seeds_are_grouped_on_the_same_examples_only(tmp_path, real_result):
+    """Two runs that differ only by seed: one group (n 2) when evaluated on the same subset; none when the example
+    counts or the subset seeds differ, nor from summary.json alone (each run's subset is drawn with its seed)."""
+
+    def report(name: str, second: dict[str, int] | None) -> dict[str, Any]:
+        runs = [write_run(tmp_path / name, f"s{seed}", method="trades", seed=seed, summary=(0.8, 0.4 + seed / 100))
+                for seed in (0, 1)]
+        if second is not None:
+            write_eval(runs[0], "best", real_result, "best", 0.80, {"pgd10": 0.40, "cw20": 0.38})
+            write_eval(runs[1], "best", real_result, "best", 0.82, {"pgd10": 0.42, "cw20": 0.36}, **second)
+        out = build_report(runs, tmp_path / name / "out")
+        return dict(json.loads((out.parent / "report.json").read_text()), text=out.read_text())
+
+    same = report("same", {})
+    (group,) = same["seed_groups"]
+    assert (group["label"], group["n"], group["seeds"], group["n_examples"], group["subset_seed"]) == (
+        "trades", 2, [0, 1], 1000, 0)
+    assert group["per_attack"]["pgd10"] == pytest.approx(dict(mean=0.41, std=2 ** 0.5 / 100))
+    assert group["per_attack"]["cw20"] == pytest.approx(dict(mean=0.37, std=2 ** 0.5 / 100))
+    cells = markdown_table(same["text"], "runs")["trades", "best"]
+    assert (cells["n"], cells["seeds"], cells["examples"], cells["PGD-10"], cells["CW-20"]) == (
+        "2", "0, 1", "1000", "41.00 ± 1.41", "37.00 ± 1.41")
+    for name, second in (("fewer", {"n_examples": 500}), ("other-subset", {"subset_seed": 1}), ("summary", None)):
+        found = report(name, second)
+        assert found["seed_groups"] == [] and "Mean ± std over seeds" not in found["text"], name
+
+
+def test_a_run_evaluated_with_pgd10_only(tmp_path, real_result):
+    """The columns follow the evaluations: PGD-10 (of an eval file, and of an unfinished run's validation split
+    with val_pgd_steps 10) and no PGD-20, CW or AutoAttack; the clean-vs-robust plot shows PGD-10."""
+    run = write_run(tmp_path, "fgsm", method="fgsm_rs", summary=None)
+    write_eval(run, "last", real_result, "last", 0.70, {"pgd10": 0.37}, n_examples=100)
+    unfinished = write_run(tmp_path, "trades", method="trades", summary=None, val_pgd_steps=10)
+    metrics = [json.loads(line) for line in (unfinished / "metrics.jsonl").read_text().splitlines()]
+    write_jsonl(unfinished / "metrics.jsonl", [{("val_pgd10_acc" if k == "val_pgd20_acc" else k): v
+                                                for k, v in row.items()} for row in metrics])
+    report = build_report([run, unfinished], tmp_path / "out")
+    text = report.read_text()
+    header = text.splitlines()[2].split(" | ")
+    assert header[7:10] == ["clean", "PGD-10", "worst case"]
+    assert not any(title.startswith(("PGD-20", "CW", "AutoAttack")) for title in header)
+    rows = markdown_table(text, "run")
+    fgsm, trades = rows["fgsm_rs", "last (epoch 3)"], rows["trades", "best (epoch 3)"]
+    assert (fgsm["clean"], fgsm["PGD-10"], fgsm["worst case"], fgsm["examples"]) == ("70.00", "37.00", "37.00", "100")
+    assert (trades["clean"], trades["PGD-10"], trades["examples"]) == ("80.00", "50.00", "200 val")
+    data = json.loads((report.parent / "report.json").read_text())
+    assert data["clean_vs_robust"] == "pgd10" and data["plots"] == list(PLOTS)
+    assert (report.parent / "clean_vs_robust.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](clean_vs_robust.png)" in text
+    assert [robust_measure(build_rows([read_run(r)])) for r in (run, unfinished)] == ["pgd10", "pgd10"]
+
+
+def test_the_clean_vs_robust_measure():
+    """pgd20 when a row has it, else the single attack evaluated, else the pointwise worst case, else none."""
+
+    def row(per_attack: dict[str, float | None], worst: float | None = None, clean: float | None = 0.8) -> Any:
+        return SimpleNamespace(per_attack=per_attack, worst_case_acc=worst, clean_acc=clean)
+
+    assert robust_measure([row({"pgd10": 0.4}), row({"pgd20": 0.3, "cw20": 0.2})]) == "pgd20"
+    assert robust_measure([row({"pgd10": 0.4}), row({"pgd10": 0.3})]) == "pgd10"
+    assert robust_measure([row({"pgd10": 0.4, "cw20": 0.3}, worst=0.3)]) == "worst_case"
+    assert robust_measure([row({"pgd20": None}), row({"pgd20": 0.4}, clean=None)]) is None
+
+
+def test_no_robust_accuracy_draws_no_clean_vs_robust_plot(tmp_path, capsys):
+    """A run whose only robust number is missing: no empty chart; an earlier report's chart is removed, and
+    report.md, report.json and the command's message list only the plots written."""
+    run = write_run(tmp_path, "trades", method="trades")
+    summary = json.loads((run / "summary.json").read_text())
+    atomic_write_json(run / "summary.json", summary | dict(best=summary["best"] | dict(pgd20_acc=None)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clean_vs_robust.png").write_bytes(PNG_MAGIC)  # left by an earlier report of these runs
+    assert cli.main(["report", str(run), "--out", str(out)]) == 0
+    assert "and 2 plots (val_robust_by_epoch.png, val_robust_by_time.png)" in capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+    assert data["plots"] == ["val_robust_by_epoch.png", "val_robust_by_time.png"] and data["clean_vs_robust"] is None
+    assert not (out / "clean_vs_robust.png").exists()
+    text = (out / "report.md").read_text()
+    assert "clean_vs_robust" not in text and "](val_robust_by_time.png)" in text
+    assert markdown_table(text, "run")["trades", "best (epoch 3)"]["PGD-20"] == "n/a"
+
+
 def test_only_trades_with_ten_steps_is_the_reference(tmp_path):
     trades5 = write_run(tmp_path, "trades5", method="trades", method_options={"steps": 5})
     trades5_old = write_run(tmp_path, "trades5-old", method="trades", method_options={"steps": 5}, legacy=True)
@@ -288,10 +416,12 @@ def test_old_and_new_configs_label_alike():
                                    "trades eps=4/255 alpha=0.2 zeta=2 epochs=5"]
 
 
-def test_old_and_new_run_directories_group_alike(tmp_path):
+def test_old_and_new_run_directories_group_alike(tmp_path, real_result):
     old = write_run(tmp_path, "old", method="trades", seed=0, method_options={"beta": 6.0}, legacy=True)
     new = write_run(tmp_path, "new", method="trades", seed=1, method_options={"beta": 6.0}, summary=(0.82, 0.47))
     other = write_run(tmp_path, "other", method="trades", seed=0, method_options={"beta": 1.0})
+    for run in (old, new, other):  # on a common subset: seeds are grouped on the same examples only
+        write_eval(run, "best", real_result, "best", 0.8, {"pgd20": 0.45})
     text = build_report([old, new, other], tmp_path / "out").read_text()
     rows = markdown_table(text, "run")
     assert list(rows) == [("trades beta=6 seed=0", "best (epoch 3)"), ("trades beta=6 seed=1", "best (epoch 3)"),

@@ -1,8 +1,9 @@
 """`backsmooth report RUN_DIR... --out DIR`: the flags and the command."""
 
 import argparse
+import json
 
-from backsmooth.report import PLOTS, build_report
+from backsmooth.report import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Build the report and say where it is."""
+    """Build the report and say where it is, naming the plots it drew."""
     path = build_report(args.runs, args.out)
-    print(f"wrote {path}, report.json and {len(PLOTS)} plots ({', '.join(PLOTS)}) in {path.parent}")
+    plots = json.loads((path.parent / "report.json").read_text())["plots"]
+    print(f"wrote {path}, report.json and {len(plots)} plots ({', '.join(plots)}) in {path.parent}")
     return 0

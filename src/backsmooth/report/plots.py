@@ -6,13 +6,14 @@ from typing import Any
 
 from backsmooth.errors import BacksmoothError
 from backsmooth.report.read import RunData, finite_or_none
-from backsmooth.report.rows import Row
+from backsmooth.report.rows import Row, attack_title, subset_tags
 
 PLOTS = {
     "val_robust_by_epoch.png": "Validation robust accuracy per epoch",
     "val_robust_by_time.png": "Validation robust accuracy against training time",
-    "clean_vs_robust.png": "Final clean against PGD-20 accuracy",
+    "clean_vs_robust.png": "Final clean against robust accuracy",
 }
+"""Every plot the report can draw; clean_vs_robust.png only when a row has a robust accuracy (see `robust_measure`)."""
 MATPLOTLIB_HINT = "plots need matplotlib: pip install 'backsmooth[report]'"
 
 
@@ -127,21 +128,48 @@ def plot_curves(runs: Sequence[RunData], labels: Sequence[str]) -> dict[str, byt
     return pngs
 
 
-def plot_clean_vs_robust(rows: Sequence[Row]) -> bytes:
-    """One labelled point per row: final clean against PGD-20 accuracy, coloured as the run's curves (PNG bytes)."""
+def robust_measure(rows: Sequence[Row]) -> str | None:
+    """What the clean-vs-robust plot shows against clean accuracy: pgd20 when a row has it, else the single
+    attack the rows ran, else the worst case ("worst_case"); None when no row has a robust number."""
+    rows = [r for r in rows if r.clean_acc is not None]
+    attacks = {name for r in rows for name, value in r.per_attack.items() if value is not None}
+    if "pgd20" in attacks or len(attacks) == 1:
+        return "pgd20" if "pgd20" in attacks else attacks.pop()
+    return "worst_case" if any(r.worst_case_acc is not None for r in rows) else None
+
+
+def robust_value(row: Row, measure: str) -> float | None:
+    """The row's accuracy under `measure` (an attack name or "worst_case", see `robust_measure`)."""
+    return row.worst_case_acc if measure == "worst_case" else row.per_attack.get(measure)
+
+
+def robust_title(measure: str) -> str:
+    """'PGD-10' for the attack pgd10, 'worst-case' for "worst_case": the clean-vs-robust plot's y axis."""
+    return "worst-case" if measure == "worst_case" else attack_title(measure)
+
+
+def plot_clean_vs_robust(rows: Sequence[Row], measure: str) -> bytes:
+    """One labelled point per row: final clean against `measure` accuracy (an attack or "worst_case"), coloured as
+    the run's curves; rows without both numbers are left out (PNG bytes)."""
     figure = _figure()
     axes = figure.add_subplot()
     run_index = {run_dir: i for i, run_dir in enumerate(dict.fromkeys(r.run_dir for r in rows))}
     per_run = {run_dir: sum(1 for r in rows if r.run_dir == run_dir) for run_dir in run_index}
-    for row in (r for r in rows if r.clean_acc is not None and r.pgd20_acc is not None):
-        label = row.label + (f" ({row.checkpoint})" if per_run[row.run_dir] > 1 else "")
+    tags = subset_tags([(r.run_dir, r.checkpoint, r.eps) for r in rows], [(r.n_examples, r.subset_seed) for r in rows])
+    for row, tag in zip(rows, tags):
+        robust = robust_value(row, measure)
+        if row.clean_acc is None or robust is None:
+            continue
+        label = row.label + (f" ({row.checkpoint}{', ' + tag if tag else ''})" if per_run[row.run_dir] > 1 else "")
         label += " (validation)" if row.source_kind == "validation" else ""
-        x, y = 100 * row.clean_acc, 100 * row.pgd20_acc
+        label += " (upper bound)" if measure == "worst_case" and row.worst_case_bound else ""
+        x, y = 100 * row.clean_acc, 100 * robust
         axes.scatter([x], [y], color=_style(run_index[row.run_dir])["color"],
                      marker={"best": "o", "last": "s"}.get(row.checkpoint, "^"))
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
     axes.margins(0.2)
-    axes.set(xlabel="clean accuracy (%)", ylabel="PGD-20 accuracy (%)", title=PLOTS["clean_vs_robust.png"])
+    title = robust_title(measure)
+    axes.set(xlabel="clean accuracy (%)", ylabel=f"{title} accuracy (%)", title=f"Final clean against {title} accuracy")
     axes.grid(alpha=0.3)
     return _png(figure)
 
@@ -165,8 +193,11 @@ def plot_tradeoff(labels: Sequence[str], seconds: Sequence[float], accuracies: S
 
 
 def render_plots(runs: Sequence[RunData], rows: Sequence[Row]) -> dict[str, bytes]:
-    """Every plot of PLOTS as PNG bytes, drawn before anything is written (a missing matplotlib writes nothing)."""
+    """The plots of PLOTS that have something to show, as PNG bytes in PLOTS' order, drawn before anything is
+    written (a missing matplotlib writes nothing); no clean_vs_robust.png when no row has a robust accuracy."""
     labels = {row.run_dir: row.label for row in rows}
     pngs = plot_curves(runs, [labels[str(run.path)] for run in runs])
-    pngs["clean_vs_robust.png"] = plot_clean_vs_robust(rows)
-    return {name: pngs[name] for name in PLOTS}
+    measure = robust_measure(rows)
+    if measure is not None:
+        pngs["clean_vs_robust.png"] = plot_clean_vs_robust(rows, measure)
+    return {name: pngs[name] for name in PLOTS if name in pngs}

@@ -1,8 +1,10 @@
-"""Typed rows of the report: one `Row` per run and evaluated checkpoint, one `SeedGroup` per set of runs that
-differ only by seed; labels, the choice of CW and AutoAttack columns, and the pointwise worst case."""
+"""Typed rows of the report: one `Row` per run, evaluated checkpoint and test subset, one `SeedGroup` per set of
+runs that differ only by seed and were measured on the same examples; labels, the attack columns, the choice of
+CW and AutoAttack, and the pointwise worst case."""
 
+import re
 import statistics
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ class Row:
     epoch: int | None
     eps: float
     n_examples: int | None
+    subset_seed: int | None  # seed of the examples' choice (the eval file's; the run's for summary.json/validation)
     source_kind: str  # "eval" (eval-*.json), "test" (summary.json) or "validation" (metrics.jsonl)
     sources: tuple[str, ...]
     clean_acc: float | None
@@ -79,12 +82,14 @@ class MeanStd:
 
 @dataclass(frozen=True)
 class SeedGroup:
-    """Rows of the same checkpoint and eps that differ only by seed; a statistic is None unless every run has it,
-    measured with the same attack."""
+    """Rows of distinct runs that differ only by seed, for the same checkpoint, eps and test examples; a statistic
+    is None unless every run has it, measured with the same attack."""
 
     label: str
     checkpoint: str
     eps: float
+    n_examples: int | None
+    subset_seed: int | None
     n: int
     seeds: tuple[int, ...]
     run_dirs: tuple[str, ...]
@@ -99,11 +104,13 @@ class SeedGroup:
     worst_case_acc: MeanStd | None
     seconds_per_epoch: MeanStd | None
     relative_to_trades10: MeanStd | None
+    per_attack: dict[str, MeanStd | None] = field(default_factory=dict)  # every attack a member ran
     collapsed: int = 0  # how many of the runs the collapse guard flagged
 
     def to_json(self) -> dict[str, Any]:
         """The group as report.json stores it."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["per_attack"] = {name: stat and stat.to_json() for name, stat in self.per_attack.items()}
         return {key: value.to_json() if isinstance(value, MeanStd) else list(value) if isinstance(value, tuple)
                 else value for key, value in data.items()}
 
@@ -117,6 +124,7 @@ class _Accuracies:
     eps: float
     clean_acc: float | None
     n_examples: int | None
+    subset_seed: int | None
     source_kind: str
     sources: list[str]
     per_attack: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +162,45 @@ def run_labels(configs: Sequence[dict[str, Any]], *, with_seed: bool = True) -> 
 def autoattack_components_text(components: Sequence[str]) -> str:
     """'APGD-CE + APGD-T' for ("apgd-ce", "apgd-t")."""
     return " + ".join("Square" if c == "square" else c.upper() for c in components)
+
+
+_ITERATIVE = re.compile(r"(pgd|cw)(\d+)(?:x(\d+))?(-norand)?")
+
+
+def _attack_order(name: str) -> tuple[Any, ...]:
+    """PGD by steps (then restarts, random start first), CW likewise, AutoAttack (standard first), then the rest."""
+    if match := _ITERATIVE.fullmatch(name):
+        kind, steps, restarts, norand = match.groups()
+        return (kind != "pgd", int(steps), int(restarts or 1), bool(norand), name)
+    return (2 if name.startswith("autoattack") else 3, name != "autoattack", 0, False, name)
+
+
+def attack_columns(per_attacks: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The attacks named in any of `per_attacks` (rows' or groups'), in column order: PGD-K by K, CW, AutoAttack
+    variants, then the others by name; the report's columns follow what was evaluated."""
+    return sorted({name for per_attack in per_attacks for name in per_attack}, key=_attack_order)
+
+
+def attack_title(name: str) -> str:
+    """The column title of an attack: 'PGD-20' for pgd20, 'CW-20x5' for cw20x5, 'AutoAttack-APGD' for
+    autoattack-apgd, 'FGSM'; other names as they are."""
+    if match := _ITERATIVE.fullmatch(name):
+        return f"{match.group(1).upper()}-{name[len(match.group(1)):]}"
+    if name.startswith("autoattack"):
+        return "AutoAttack" + name.removeprefix("autoattack").upper()
+    return "FGSM" if name == "fgsm" else name
+
+
+def subset_tags(keys: Sequence[Hashable], subsets: Sequence[tuple[int | None, int | None]]) -> list[str]:
+    """Tell apart items (rows, seed groups) sharing a key, e.g. a run's checkpoint and eps, measured on other test
+    examples (`subsets`: (n_examples, subset_seed)): 'n=60' or 'subset seed 1' where those differ, else ''."""
+    tags = []
+    for key, (n, seed) in zip(keys, subsets):
+        peers = [subset for other, subset in zip(keys, subsets) if other == key]
+        parts = [f"n={n}"] if len({p[0] for p in peers}) > 1 else []
+        parts += [f"subset seed {seed}"] if len({p[1] for p in peers if p[0] == n}) > 1 else []
+        tags.append(", ".join(parts))
+    return tags
 
 
 def collapse_text(event: dict[str, Any] | None) -> str | None:
@@ -211,27 +258,28 @@ def _eval_accuracies(run: RunData) -> list[_Accuracies]:
         entry = merged.setdefault((which, evaluation["eps"], evaluation["n_examples"], subset_seed), _Accuracies(
             checkpoint=which, epoch=checkpoint.get("epoch"), eps=float(evaluation["eps"]),
             clean_acc=finite_or_none(evaluation["clean_acc"]), n_examples=evaluation["n_examples"],
-            source_kind="eval", sources=[]))
+            subset_seed=subset_seed, source_kind="eval", sources=[]))
         entry.per_attack.update(evaluation["per_attack"])
         entry.attacks.update(evaluation.get("attacks") or {})
         entry.sources.append(name)
         entry.results.append((set(evaluation["per_attack"]), finite_or_none(evaluation.get("robust_acc"))))
     return sorted(merged.values(), key=lambda e: (_CHECKPOINT_ORDER.get(e.checkpoint, 2), e.checkpoint, e.eps,
-                                                  e.n_examples))
+                                                  e.n_examples, -1 if e.subset_seed is None else e.subset_seed))
 
 
 def _accuracies(run: RunData) -> list[_Accuracies]:
-    """The accuracy part of the run's rows: eval files grouped by checkpoint, else summary, else validation."""
+    """The accuracy part of the run's rows: eval files grouped by checkpoint, else summary, else validation (the
+    trainer draws both its final test subset and its validation split with the run's seed)."""
     if run.evals:
         return _eval_accuracies(run)
-    eps = float(run.settings["eps"])
+    eps, seed = float(run.settings["eps"]), run.settings["seed"]
     if run.summary is not None and run.summary["test_examples"] > 0:
         best = run.summary["best"]
         pgd20 = finite_or_none(best.get("pgd20_acc"))
         return [_Accuracies(checkpoint="best", epoch=best.get("epoch"), eps=eps,
                             clean_acc=finite_or_none(best.get("clean_acc")), n_examples=run.summary["test_examples"],
-                            source_kind="test", sources=["summary.json"], per_attack={"pgd20": best.get("pgd20_acc")},
-                            results=[({"pgd20"}, pgd20)])]
+                            subset_seed=seed, source_kind="test", sources=["summary.json"],
+                            per_attack={"pgd20": best.get("pgd20_acc")}, results=[({"pgd20"}, pgd20)])]
 
     # unfinished run: the epoch the trainer keeps as best.pt, on the validation split
     def score(row: dict[str, Any]) -> float:  # as the trainer: robust accuracy, clean when there is none
@@ -239,11 +287,12 @@ def _accuracies(run: RunData) -> list[_Accuracies]:
         return robust if robust is not None else finite_or_none(row.get("val_clean_acc")) or 0.0
 
     row = max(run.metrics, key=score)  # the first of equals, as the trainer keeps
+    attack = run.val_key.removeprefix("val_").removesuffix("_acc")  # pgdK of the validation split
     return [_Accuracies(checkpoint="best", epoch=row["epoch"], eps=eps,
                         clean_acc=finite_or_none(row.get("val_clean_acc")), n_examples=row.get("val_examples"),
-                        source_kind="validation", sources=["metrics.jsonl (validation split)"],
-                        per_attack={"pgd20": row.get("val_pgd20_acc")},
-                        results=[({"pgd20"}, finite_or_none(row.get("val_pgd20_acc")))])]
+                        subset_seed=seed, source_kind="validation", sources=["metrics.jsonl (validation split)"],
+                        per_attack={attack: row.get(run.val_key)},
+                        results=[({attack}, finite_or_none(row.get(run.val_key)))])]
 
 
 def _worst_case(results: Sequence[tuple[set[str], float | None]],
@@ -276,7 +325,7 @@ def _trades10_seconds(run: RunData, runs: Sequence[RunData]) -> float | None:
 
 
 def build_rows(runs: Sequence[RunData]) -> list[Row]:
-    """One row per run and evaluated checkpoint."""
+    """One row per run, evaluated checkpoint, eps and test subset."""
     labels = run_labels([r.config for r in runs])
     groups = run_labels([r.config for r in runs], with_seed=False)
     labels = [f"{label} [{run.path.name}]" if labels.count(label) > 1 else label for label, run in zip(labels, runs)]
@@ -293,11 +342,11 @@ def build_rows(runs: Sequence[RunData]) -> list[Row]:
                 arch=run.settings["arch"], dataset=run.settings["dataset"], epochs=run.settings["epochs"],
                 epochs_done=run.epochs_done, seed=run.settings["seed"], batch_size=run.settings["batch_size"],
                 checkpoint=entry.checkpoint, epoch=entry.epoch, eps=entry.eps, n_examples=entry.n_examples,
-                source_kind=entry.source_kind, sources=tuple(entry.sources), clean_acc=entry.clean_acc,
-                per_attack=per_attack, pgd20_acc=per_attack.get("pgd20"), cw_attack=cw_attack, cw_acc=cw_acc,
-                autoattack_variant=variant, autoattack_acc=autoattack_acc, worst_case_acc=worst_acc,
-                worst_case_bound=worst_bound, worst_case_attacks=worst_attacks, train_seconds=run.train_seconds,
-                seconds_per_epoch=run.seconds_per_epoch,
+                subset_seed=entry.subset_seed, source_kind=entry.source_kind, sources=tuple(entry.sources),
+                clean_acc=entry.clean_acc, per_attack=per_attack, pgd20_acc=per_attack.get("pgd20"),
+                cw_attack=cw_attack, cw_acc=cw_acc, autoattack_variant=variant, autoattack_acc=autoattack_acc,
+                worst_case_acc=worst_acc, worst_case_bound=worst_bound, worst_case_attacks=worst_attacks,
+                train_seconds=run.train_seconds, seconds_per_epoch=run.seconds_per_epoch,
                 relative_to_trades10=run.seconds_per_epoch / reference if reference and run.metrics else None,
                 data_note=run.data_note, collapse=collapse_text(run.collapse)))
     return rows
@@ -308,6 +357,12 @@ SEED_FIELDS = {"clean_acc": None, "pgd20_acc": None, "cw_acc": "cw_attack", "aut
                "worst_case_acc": "worst_case_attacks", "seconds_per_epoch": None, "relative_to_trades10": None}
 
 
+def _mean_std(values: Sequence[float | None]) -> MeanStd | None:
+    """None unless every member has the value."""
+    known = [v for v in values if v is not None]
+    return MeanStd(statistics.fmean(known), statistics.stdev(known)) if len(known) == len(values) else None
+
+
 def _seed_group(members: Sequence[Row]) -> SeedGroup:
     statistics_and_names: dict[str, Any] = {}
     for name, attack in SEED_FIELDS.items():
@@ -316,24 +371,29 @@ def _seed_group(members: Sequence[Row]) -> SeedGroup:
         if attack:
             statistics_and_names[attack] = next(iter(names)) if len(names) == 1 else None
         # no attack name (e.g. a worst case that is only an upper bound) or differing ones: not comparable
-        statistics_and_names[name] = (
-            None if any(v is None for v in values) or len(names) > 1 or (attack and None in names)
-            else MeanStd(mean=statistics.fmean(values), std=statistics.stdev(values)))
+        statistics_and_names[name] = None if len(names) > 1 or (attack and None in names) else _mean_std(values)
     first = members[0]
-    return SeedGroup(label=first.group, checkpoint=first.checkpoint, eps=first.eps, n=len(members),
+    per_attack = {name: _mean_std([m.per_attack.get(name) for m in members])
+                  for name in attack_columns(m.per_attack for m in members)}
+    return SeedGroup(label=first.group, checkpoint=first.checkpoint, eps=first.eps, n_examples=first.n_examples,
+                     subset_seed=first.subset_seed, n=len(members), per_attack=per_attack,
                      seeds=tuple(m.seed for m in members), run_dirs=tuple(m.run_dir for m in members),
                      source_kinds=tuple(sorted({m.source_kind for m in members})),
                      collapsed=sum(m.collapse is not None for m in members), **statistics_and_names)
 
 
 def seed_groups(rows: Sequence[Row]) -> list[SeedGroup]:
-    """Mean and sample std (n - 1) over rows that differ only by seed, for groups of 2 or more runs.
+    """Mean and sample std (n - 1) over rows of 2 or more distinct runs that differ only by seed.
 
-    Rows of the same checkpoint and eps are grouped whether their numbers come from eval files or
-    summary.json (both are test subsets), never with validation-split rows. A statistic is None
-    unless every run has it, measured with the same attack (the worst case: with the same attacks, exactly).
+    Grouped rows share the checkpoint, eps and test examples (the same size and subset seed, whether the numbers
+    come from eval files or summary.json; never validation-split rows with test rows), so rows of one run
+    evaluated on two subsets are never taken for two seeds. summary.json and the validation split draw their
+    examples with the run's seed: runs of other seeds need `backsmooth eval` on a common subset to be grouped.
+    A statistic is None unless every run has it, measured with the same attack (the worst case: with the same
+    attacks, exactly).
     """
     by_key: dict[tuple[Any, ...], list[Row]] = {}
     for row in rows:
-        by_key.setdefault((row.group, row.checkpoint, row.eps, row.source_kind == "validation"), []).append(row)
-    return [_seed_group(members) for members in by_key.values() if len(members) >= 2]
+        key = (row.group, row.checkpoint, row.eps, row.source_kind == "validation", row.n_examples, row.subset_seed)
+        by_key.setdefault(key, []).append(row)
+    return [_seed_group(members) for members in by_key.values() if len({m.run_dir for m in members}) >= 2]

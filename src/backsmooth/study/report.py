@@ -64,8 +64,9 @@ def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) ->
                     if r.name in per_epoch and is_reference(settings[r.name], settings[first.name], method, steps)]
             ratios[label] = mine / statistics.fmean(refs) if refs else None
         for checkpoint in (c for c in study.checkpoints() if c in first.checkpoints):
-            found = [next((row for row in by_dir.get(str(r.config.out), []) if row.checkpoint == checkpoint
-                           and row.source_kind == "eval"), None) for r in members]
+            # the row of the study's own eval file (eval-CHECKPOINT.json): not one of another subset of the run
+            found = [next((row for row in by_dir.get(str(r.config.out), [])
+                           if f"eval-{checkpoint}.json" in row.sources), None) for r in members]
             chosen = [row for row in found if row is not None]
             result.append(EntryRow(
                 entry=entry, method=first.config.method, checkpoint=checkpoint,
