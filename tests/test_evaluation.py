@@ -31,6 +31,7 @@ from backsmooth.evaluation import (
     result_checks,
     worst_case,
 )
+from backsmooth.evaluation import state as evaluation_state
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EPS = 0.1  # digits pixels are coarse (17 grey levels); at 0.1 a naturally trained CNN is half broken
@@ -492,3 +493,25 @@ def test_cli_bad_input_is_one_line_exit_2(trained_run, argv, message, capsys):
     assert cli.main(["eval", str(trained_run), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("batches_saved", [1, 0])
+def test_ctrl_c_names_the_state_file_it_left(trained_run, batches_saved, tmp_path, monkeypatch, capsys):
+    saves = []
+
+    def save_then_ctrl_c(path, state):
+        if len(saves) < batches_saved:
+            checkpoint.save(path, state)
+        saves.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation_state, "save", save_then_ctrl_c)
+    out = tmp_path / "evals"
+    assert cli.main(["eval", str(trained_run), "--n-examples", "40", "--attacks", "fgsm", "--name", "mine",
+                     "--out", str(out), "--no-progress"]) == 75
+    err = capsys.readouterr().err
+    state = out / "eval-mine.state.pt"
+    assert saves == [state] and state.is_file() == bool(batches_saved)
+    expected = f"finished batches are saved in {state};" if batches_saved else "no batch had finished"
+    assert err.count("\n") == 1 and expected in err and "eval-NAME" not in err, err
+    assert not (out / "eval-mine.json").exists()

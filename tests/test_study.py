@@ -131,6 +131,30 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(smoke, tmp_pat
     assert row["entry"] == "fgsm_rs" and row["seeds"] == [0]
 
 
+def test_the_run_report_shows_the_attack_the_study_ran(smoke):
+    """report.md of a study that ran PGD-10 only: a PGD-10 column with each eval file's number, no PGD-20, CW or
+    AutoAttack column; seed groups per attack; the clean-vs-robust plot shows PGD-10."""
+    out, first = smoke
+    assert first.returncode == 0, first.stderr
+    text = (out / "report" / "report.md").read_text()
+    lines = text.splitlines()
+    header = [cell.strip() for cell in next(line for line in lines if line.startswith("| run |")).strip("|").split("|")]
+    assert "PGD-10" in header and not any(title.startswith(("PGD-20", "CW", "AutoAttack")) for title in header)
+    data = json.loads((out / "report" / "report.json").read_text())
+    found = accuracies(out)
+    assert len(data["rows"]) == 8
+    for row in data["rows"]:
+        pgd10 = found[f"{Path(row['run_dir']).name}/eval-{row['checkpoint']}.json"]["pgd10"]
+        assert row["per_attack"] == {"pgd10": pytest.approx(pgd10)}
+        (line,) = [line for line in lines if line.startswith(f"| {row['label']} | {row['checkpoint']} (")]
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        assert cells["PGD-10"] == f"{100 * pgd10:.2f}"
+    assert data["clean_vs_robust"] == "pgd10" and "clean_vs_robust.png" in data["plots"]
+    assert (out / "report" / "clean_vs_robust.png").is_file()
+    groups = data["seed_groups"]  # every entry's two seeds, on the study's common subset, per checkpoint
+    assert len(groups) == 4 and all(g["n"] == 2 and g["per_attack"]["pgd10"] is not None for g in groups)
+
+
 def test_changed_spec_is_refused_and_changes_nothing(smoke, tmp_path, capsys):
     out, first = smoke
     assert first.returncode == 0, first.stderr
@@ -140,6 +164,7 @@ def test_changed_spec_is_refused_and_changes_nothing(smoke, tmp_path, capsys):
     assert main(["study", str(changed), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "another version of the study" in err and "epochs" in err
+    assert "--resume" not in err and "--out DIR" in err
     assert snapshot(out) == before
 
 
@@ -173,6 +198,15 @@ def test_an_added_attack_evaluates_again_and_changes_nothing_else(smoke, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "may add attacks, not drop" in err
     assert snapshot(out / "runs") == after
+
+
+def test_report_only_before_any_run_finished_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", str(SMOKE), "--out", str(out), "--report-only"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "no run of the study" in captured.err, captured.err
+    assert f"run the study first: backsmooth study {SMOKE} --out {out}" in captured.err
+    assert "writing the report" not in captured.out and not out.exists()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
@@ -223,6 +257,49 @@ def test_malformed_spec_is_one_line_exit_2_and_writes_nothing(case, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+PLACED = {
+    "protocol key": (SPEC.replace("epochs = 1", "epoch = 1"),
+                     "[protocol]: unknown key 'epoch' (did you mean 'epochs'?)"),
+    "protocol value": (SPEC.replace("epochs = 1", "epochs = 0"), "[protocol]: epochs must be >= 1, got 0"),
+    "protocol preset": (SPEC.replace("cpu-digits-", "cpu-digit-"),
+                        "[protocol]: preset 'cpu-digit-{method}' gives 'cpu-digit-fgsm_rs' for entry 1 (fgsm_rs), "
+                        "which is not a preset (did you mean 'cpu-digits-{method}'?)"),
+    "entry method": (SPEC + '[[entries]]\nmethod = "fgsm-rs"\n',
+                     "entry 2 (fgsm-rs): unknown method 'fgsm-rs' (did you mean 'fgsm_rs'?)"),
+    "entry key": (SPEC + "alpah = 0.1\n", "entry 1 (fgsm_rs): unknown key 'alpah' (did you mean 'alpha'?)"),
+    "entry value": (SPEC + "epochs = 0\n", "entry 1 (fgsm_rs): epochs must be >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLACED))
+def test_spec_errors_name_their_place_and_the_nearest_name(case, tmp_path, capsys):
+    text, message = PLACED[case]
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    assert main(["study", str(spec), "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {spec}: {message}" + ("; run `backsmooth presets` to list them" if "preset" in case
+                                                 else "") + "\n"
+    assert not (tmp_path / "study").exists()
+
+
+def test_runs_of_another_spec_are_refused_with_the_study_options(tmp_path, capsys):
+    spec, changed, out = tmp_path / "spec.toml", tmp_path / "changed.toml", tmp_path / "study"
+    spec.write_text(SPEC)
+    changed.write_text(SPEC.replace("epochs = 1", "epochs = 2"))
+    (run,) = load_study(spec, out).runs
+    Path(run.config.out).mkdir(parents=True)
+    (Path(run.config.out) / "config.json").write_text(json.dumps(run.config.to_dict()))
+    (out / "spec.toml").write_text(SPEC)
+    before = snapshot(out)
+    assert main(["study", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" not in err, err
+    assert f"trained with epochs = 1 ({run.config.out}/config.json), this spec gives 2" in err
+    assert f"run `backsmooth study {out / 'spec.toml'} --out {out}`, or give this spec a new folder with --out" in err
+    assert snapshot(out) == before
 
 
 def test_spec_layers_preset_protocol_and_entry(tmp_path):

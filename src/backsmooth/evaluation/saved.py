@@ -15,10 +15,20 @@ from backsmooth.atomic import atomic_write_json
 from backsmooth.attacks import parse_attacks
 from backsmooth.checkpoint import load_model
 from backsmooth.data import load_dataset
-from backsmooth.errors import ConfigError, DataError
+from backsmooth.errors import ConfigError, DataError, Interrupted
 from backsmooth.evaluation.accuracy import stratified_subset
 from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
 from backsmooth.runtime import resolve_device
+
+
+class EvaluationInterrupted(Interrupted):
+    """Ctrl-C during the attacks; the message names the state file that holds the finished batches."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
+        saved = (f"finished batches are saved in {state_path}" if state_path.is_file()
+                 else "no batch had finished, so nothing is saved")
+        super().__init__(f"interrupted: {saved}; run the same command again to resume")
 
 
 def check_name(name: str) -> str:
@@ -51,7 +61,8 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     (default: the run directory); returns (that path, the result).
 
     Per-example flags go to eval-NAME.state.pt after every batch, so a killed evaluation resumes where it
-    stopped when called again (`restart` discards them). Bad arguments fail before any attack runs.
+    stopped when called again (`restart` discards them); Ctrl-C raises EvaluationInterrupted, which names that
+    file. Bad arguments fail before any attack runs.
     """
     attacks, n_examples, batch_size, seed = protocol.attacks, protocol.n_examples, protocol.batch_size, protocol.seed
     eps, step_size, dataset, data_dir = protocol.eps, protocol.step_size, protocol.dataset, protocol.data_dir
@@ -86,8 +97,11 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     log(f"{meta['path']}: {meta['arch']}" + (f" trained with {meta['method']}" if "method" in meta else "")
         + f"; {len(index)} of {len(test.labels)} {dataset} test examples (stratified, seed {seed}); "
           f"eps {eps_text(eps)} = {eps:.4f}")
-    result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], batch_size,
-                      seed=seed, step_size=step_size, state_path=state_path, restart=restart, progress=progress)
+    try:
+        result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], batch_size,
+                          seed=seed, step_size=step_size, state_path=state_path, restart=restart, progress=progress)
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(state_path) from None
     if result.batches["resumed"]:
         log(f"resumed {state_path.name}: {result.batches['resumed']} of {result.batches['total']} batches "
             f"were already done")

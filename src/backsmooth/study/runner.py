@@ -10,6 +10,7 @@ and writes); the evaluations and the report then run on rank 0 alone.
 import dataclasses
 import hashlib
 import json
+import shlex
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 from backsmooth import distributed as dist
 from backsmooth.atomic import atomic_write_json, atomic_write_text
+from backsmooth.config import from_mapping
 from backsmooth.errors import ConfigError, TrainingDiverged, one_line
 from backsmooth.evaluation.saved import SavedProtocol, evaluate_saved
 from backsmooth.report import format_duration, read_run
@@ -32,7 +34,8 @@ from backsmooth.study.estimate import (
 )
 from backsmooth.study.report import write_study_report
 from backsmooth.study.spec import PlannedRun, Study
-from backsmooth.training import DirectoryLock, RunDirectory, train
+from backsmooth.training import DirectoryLock, train
+from backsmooth.training.run_dir import RESUME_IGNORED
 
 Log = Callable[[str], None]
 
@@ -59,11 +62,7 @@ def check_existing(study: Study) -> None:
     if study.out.exists() and not study.out.is_dir():
         raise ConfigError(f"--out {study.out} is a file, not a folder; choose another --out")
     for run in study.runs:
-        try:
-            RunDirectory(run_path(run)).check(run.config, resume=True, overwrite=False)
-        except ConfigError as error:
-            raise ConfigError(f"{run_path(run)} belongs to another version of the study ({error}); "
-                              f"restore the spec or pass another --out") from None
+        _check_run(run, study)
         for checkpoint in run.checkpoints:
             path = eval_path(run, checkpoint)
             if not path.is_file():
@@ -73,7 +72,38 @@ def check_existing(study: Study) -> None:
                     or not set(attacks) <= set(run.attacks):
                 raise ConfigError(f"{path} was evaluated with other attacks, example count or seed than the spec "
                                   f"asks ({', '.join(run.attacks)} on {study.evaluation.n_examples}); a spec may add "
-                                  f"attacks, not drop or change them: restore the spec or pass another --out")
+                                  f"attacks, not drop or change them: {_remedy(study)}")
+
+
+def _check_run(run: PlannedRun, study: Study) -> None:
+    """Refuse a run folder whose config.json holds other settings than the spec now gives the run."""
+    folder = run_path(run)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file where the study keeps a run folder; move it away or pass another --out")
+    saved = folder / "config.json"
+    if not saved.is_file():
+        return
+    try:
+        old = from_mapping(json.loads(saved.read_text())).to_dict()
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"{saved} is not a config.json of `backsmooth train`; move {folder} away or pass another "
+                          f"--out") from None
+    new = run.config.to_dict()
+    changed = [k for k in new if k not in RESUME_IGNORED and old.get(k) != new[k]]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{folder} belongs to another version of the study: it was trained with {key} = "
+                          f"{old.get(key)!r} ({saved}), this spec gives {new[key]!r}; {_remedy(study)}")
+
+
+def _remedy(study: Study) -> str:
+    """What a user can do when the study folder was made by another version of the spec."""
+    saved = study.out / "spec.toml"
+    if saved.is_file() and saved.read_text(encoding="utf-8", errors="replace") != study.spec_text:
+        go_on = f"to go on with that study run `backsmooth study {shlex.join([str(saved), '--out', str(study.out)])}`"
+    else:
+        go_on = "to go on with that study restore the spec it was made with"
+    return f"{go_on}, or give this spec a new folder with --out DIR"
 
 
 def _saved_evaluation(path: Path) -> tuple[list[str], int, int]:
@@ -216,6 +246,9 @@ def execute(study: Study, command: str, *, progress: bool | None = False, report
     """Run what is left of the study (with `report_only`, nothing) and write the report of the runs finished so
     far; returns {"diverged": [...], "report": path or None}."""
     check_existing(study)
+    if report_only and not any(map(is_trained, study.runs)):
+        raise ConfigError(f"--report-only: no run of the study in {study.out} has finished yet, so there is no "
+                          f"report to write; run the study first: {command}")
     proc, _ = dist.setup(study.runs[0].config.device)
     lock = DirectoryLock(study.out)
     plan = Plan.of(study)

@@ -23,8 +23,10 @@ protocol, a method that replays each batch m times (Free-AT) trains ceil(epochs 
 """
 
 import dataclasses
+import difflib
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ from backsmooth import config as cfg
 from backsmooth import methods
 from backsmooth.attacks import parse_attacks
 from backsmooth.errors import ConfigError
-from backsmooth.presets import preset
+from backsmooth.plugins import is_import_path
+from backsmooth.presets import PRESETS, preset
 
 TOP_KEYS = ("title", "seeds", "protocol", "evaluation", "entries")
 EVALUATION_KEYS = ("attacks", "n_examples", "checkpoints", "batch_size", "seed")
@@ -144,21 +147,106 @@ def _checkpoints(value: Any, spec: Path, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _run_config(values: dict[str, Any], protocol: dict[str, Any], overrides: dict[str, Any], method: str,
-                seed: int, out: Path, spec: Path, where: str) -> cfg.RunConfig:
-    """The run's config: preset < protocol < entry, then the study's own method, seed and folder."""
+def _did_you_mean(word: str, names: Iterable[str]) -> str:
+    """' (did you mean 'X'?)' when `word` is close to one of `names`, else ''."""
+    close = difflib.get_close_matches(word, list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(table: dict[str, Any], allowed: Sequence[str], spec: Path, where: str) -> None:
+    """Refuse the first key of `table` that is not in `allowed`, naming `where` and the nearest valid key."""
+    unknown = sorted(str(key) for key in table if key not in allowed)
+    if unknown:
+        hint = _did_you_mean(unknown[0], allowed) or f"; valid keys: {', '.join(allowed)}"
+        raise _fail(spec, f"{where}: unknown key {unknown[0]!r}{hint}")
+
+
+def _config_keys() -> tuple[str, ...]:
+    """RunConfig fields and method options (of every method registered so far), less what the study sets."""
+    fields = (f.name for f in dataclasses.fields(cfg.RunConfig))
+    return tuple(k for k in (*fields, *cfg.option_names()) if k not in SET_BY_STUDY)
+
+
+def _method(entry: dict[str, Any], spec: Path, where: str) -> str:
+    """The entry's method, a registered name (or MODULE:CLASS, imported here so its options count)."""
+    method = entry.get("method")
+    if not isinstance(method, str):
+        raise _fail(spec, f"{where} needs method = \"NAME\" (one of: {', '.join(methods.names())})")
+    if method not in methods.names() and not is_import_path(method):
+        hint = _did_you_mean(method, methods.names()) or f"; choose one of: {', '.join(methods.names())}"
+        raise _fail(spec, f"{where}: unknown method {method!r}{hint}")
     try:
-        merged = dict(values)
-        merged.update(protocol)
-        merged.update(overrides)
-        merged.update(method=method, seed=seed, out=str(out))
-        config = cfg.validate(cfg.from_mapping(merged, source="study"))
-        if "epochs" in protocol and "epochs" not in overrides:
-            replays = methods.build(config.method, **config.method_hyperparameters()).replays
-            config = dataclasses.replace(config, epochs=math.ceil(protocol["epochs"] / replays))
-        return config
+        methods.method_class(method)
     except ConfigError as error:
         raise _fail(spec, f"{where}: {error}") from None
+    return method
+
+
+def _is_template(template: Any) -> bool:
+    """Whether `template` is a preset name with {method} (and no other {field}) in it."""
+    if not isinstance(template, str) or "{method}" not in template:
+        return False
+    try:
+        template.format(method="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
+
+
+def _preset(template: str | None, method: str, spec: Path, where: str) -> dict[str, Any]:
+    """The values of [protocol]'s preset for the entry's method ({} without a preset)."""
+    if template is None:
+        return {}
+    name = template.format(method=method)
+    if name not in PRESETS:
+        templates = {p.replace(method, "{method}") for p in PRESETS if method in p}
+        raise _fail(spec, f"[protocol]: preset {template!r} gives {name!r} for {where}, which is not a preset"
+                          f"{_did_you_mean(template, sorted(templates))}; run `backsmooth presets` to list them")
+    return preset(name)
+
+
+def _validated(values: dict[str, Any]) -> cfg.RunConfig:
+    """`values` as a checked RunConfig (ConfigError when a key or value is wrong)."""
+    return cfg.validate(cfg.from_mapping(values, source="study"))
+
+
+def _run_config(values: dict[str, Any], protocol: dict[str, Any], overrides: dict[str, Any], method: str,
+                seed: int, out: Path, spec: Path, where: str) -> cfg.RunConfig:
+    """The run's config: preset < protocol < entry, then the study's own method, seed and folder. An invalid value
+    is blamed on [protocol] when the preset and protocol alone fail the same way, else on the entry."""
+    own = dict(method=method, seed=seed, out=str(out))
+    try:
+        config = _validated({**values, **protocol, **overrides, **own})
+    except ConfigError as error:
+        try:
+            _validated({**values, **protocol, **own})
+            place = where
+        except ConfigError as alone:
+            place = "[protocol]" if str(alone) == str(error) else where
+        raise _fail(spec, f"{place}: {error}") from None
+    if "epochs" in protocol and "epochs" not in overrides:
+        replays = methods.build(config.method, **config.method_hyperparameters()).replays
+        config = dataclasses.replace(config, epochs=math.ceil(protocol["epochs"] / replays))
+    return config
+
+
+def _entries(data: dict[str, Any], spec: Path) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(where, name, method, table) of every [[entries]] table: a known method and a unique, valid name."""
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise _fail(spec, "list at least one [[entries]] table with a method, e.g. [[entries]] method = \"trades\"")
+    checked: list[tuple[str, str, str, dict[str, Any]]] = []
+    for number, entry in enumerate(entries, 1):
+        label = entry.get("name", entry.get("method"))
+        where = f"entry {number}" + (f" ({label})" if isinstance(label, str) else "")
+        method = _method(entry, spec, where)
+        name = entry.get("name", method.replace(":", "."))
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise _fail(spec, f"{where}: name {name!r} must be letters, digits and _.+- (it names run folders)")
+        if any(name == other for _, other, _, _ in checked):
+            raise _fail(spec, f"{where}: two entries are named {name!r}; give one a name = \"...\"")
+        checked.append((where, name, method, entry))
+    return checked
 
 
 def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
@@ -175,49 +263,36 @@ def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
         raise _fail(spec, f"not valid TOML ({error})") from None
     unknown = sorted(set(data) - set(TOP_KEYS))
     if unknown:
-        raise _fail(spec, f"unknown key {unknown[0]!r}; valid top-level keys: {', '.join(TOP_KEYS)}")
+        hint = _did_you_mean(unknown[0], TOP_KEYS) or f"; valid top-level keys: {', '.join(TOP_KEYS)}"
+        raise _fail(spec, f"unknown key {unknown[0]!r}{hint}")
     title = data.get("title", spec.stem)
     if not isinstance(title, str):
         raise _fail(spec, f"title must be a string, got {title!r}")
     default_seeds = _seeds(data.get("seeds", [0]), spec, "top-level")
+    entries = _entries(data, spec)  # first: a MODULE:CLASS method's options are valid keys once it is imported
     protocol = dict(_table(data, "protocol", spec))
     fixed = sorted(set(protocol) & set(SET_BY_STUDY))
     if fixed:
         raise _fail(spec, f"[protocol] cannot set {fixed[0]!r}: the study sets it for each run (method and seeds "
                           f"go in [[entries]], the folder is --out)")
+    _check_keys(protocol, ("preset", *_config_keys()), spec, "[protocol]")
     template = protocol.pop("preset", None)
-    if template is not None and (not isinstance(template, str) or "{method}" not in template):
+    if template is not None and not _is_template(template):
         raise _fail(spec, f"[protocol] preset must be a name with {{method}} in it, e.g. \"cpu-cifar10-{{method}}\", "
                           f"got {template!r}")
     evaluation = _evaluation(data, spec)
-    entries = data.get("entries")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise _fail(spec, "list at least one [[entries]] table with a method, e.g. [[entries]] method = \"trades\"")
     folder = Path(out) if out is not None else Path("runs") / "study" / spec.stem
     runs: list[PlannedRun] = []
-    names: set[str] = set()
-    for number, entry in enumerate(entries, 1):
-        where = f"entry {number}"
-        method = entry.get("method")
-        if not isinstance(method, str):
-            raise _fail(spec, f"{where} needs method = \"NAME\" (one of: {', '.join(methods.names())})")
-        name = entry.get("name", method.replace(":", "."))
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise _fail(spec, f"{where}: name {name!r} must be letters, digits and _.+- (it names run folders)")
-        if name in names:
-            raise _fail(spec, f"{where}: two entries are named {name!r}; give one a name = \"...\"")
-        names.add(name)
+    for where, name, method, entry in entries:
         overrides = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
         fixed = sorted(set(overrides) & set(SET_BY_STUDY))
         if fixed:
             raise _fail(spec, f"{where} cannot set {fixed[0]!r} (the study sets it; use seeds = [...])")
+        _check_keys(overrides, (*ENTRY_KEYS, *_config_keys()), spec, where)
         attacks = _attacks(entry["attacks"], spec, where) if "attacks" in entry else evaluation.attacks
         checkpoints = (_checkpoints(entry["checkpoints"], spec, where) if "checkpoints" in entry
                        else evaluation.checkpoints)
-        try:
-            values = preset(template.format(method=method)) if template else {}
-        except ConfigError as error:
-            raise _fail(spec, f"{where}: {error}") from None
+        values = _preset(template, method, spec, where)
         for seed in _seeds(entry.get("seeds", list(default_seeds)), spec, where):
             run_out = folder / "runs" / f"{name}-seed{seed}"
             config = _run_config(values, protocol, overrides, method, seed, run_out, spec, where)
