@@ -2,6 +2,7 @@
 
     loss_fn = backsmooth.methods.build("backward_smoothing", eps=8/255)   # a drop-in training loss
     result = backsmooth.evaluate(model, x, y, eps=8/255, attacks=("pgd20", "cw20"))
+    model, meta = backsmooth.load_model("runs/latest")                   # a trained model, in eval mode
 
 The names below load on first use, so torch-free parts (the report) import without torch.
 """
@@ -12,7 +13,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {"attacks": "backsmooth.attacks", "methods": "backsmooth.methods", "models": "backsmooth.models",
-         "RunConfig": "backsmooth.config", "evaluate": "backsmooth.evaluation"}
+         "RunConfig": "backsmooth.config", "evaluate": "backsmooth.evaluation",
+         "load_model": "backsmooth.checkpoint"}
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +24,4 @@ def __getattr__(name: str) -> Any:
     return module if module.__name__.endswith(f".{name}") else getattr(module, name)
 
 
-__all__ = ["RunConfig", "attacks", "evaluate", "methods", "models", "__version__"]
+__all__ = ["RunConfig", "attacks", "evaluate", "load_model", "methods", "models", "__version__"]

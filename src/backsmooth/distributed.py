@@ -34,6 +34,11 @@ def runtime(device_name: str, precision: str = "fp32", channels_last: bool = Fal
     return Runtime(device, precision, channels_last, proc)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), readable after the group is shut down."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def group_size() -> int:
     """Processes in the running process group (1 without one): for code that has no ProcessInfo at hand
     (methods sharing state, the weight average)."""

@@ -35,7 +35,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = Parser(prog="backsmooth", description="Efficient adversarially robust training (Backward Smoothing).")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text)
+        command = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         if module is train:
             train.add_arguments(command, argv)
         else:

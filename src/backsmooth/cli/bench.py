@@ -10,22 +10,25 @@ from backsmooth.training.bench import BenchSetup, bench_table, run_benchmark
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="small_cnn")
-    parser.add_argument("--methods", default="", help="comma-separated (default: all, plus trades_reference)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, default=3)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--eps", default="8/255")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed repetition")
-    parser.add_argument("--epoch-images", type=int, default=50_000, help="images in the data-pipeline epoch (0: skip)")
-    parser.add_argument("--json", help="write all results to this JSON file")
+    """The flags of `backsmooth bench`, each with its default."""
+    add = parser.add_argument
+    add("--arch", default="small_cnn", help="architecture to time (default: %(default)s)")
+    add("--methods", default="", help="comma-separated method names (default: all, plus trades_reference)")
+    add("--batch-size", type=int, default=128, help="training batch (default: %(default)s)")
+    add("--image-size", type=int, default=32, help="height and width of the random images (default: %(default)s)")
+    add("--channels", type=int, default=3, help="image channels (default: %(default)s)")
+    add("--num-classes", type=int, default=10, help="classes of the model's output (default: %(default)s)")
+    add("--eps", default="8/255", help="L-inf radius of the methods' attacks (default: %(default)s)")
+    add("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: %(default)s)")
+    add("--precision", default="fp32", choices=PRECISIONS, help="training precision (default: %(default)s)")
+    add("--channels-last", action="store_true", help="channels-last memory format (default: off)")
+    add("--compile", action="store_true", help="torch.compile the model; warm-up excluded from timing (default: off)")
+    add("--warmup", type=int, default=2, help="untimed steps before timing each method (default: %(default)s)")
+    add("--repeats", type=int, default=5, help="timed repetitions; the median is reported (default: %(default)s)")
+    add("--steps", type=int, default=3, help="steps per timed repetition (default: %(default)s)")
+    add("--epoch-images", type=int, default=50_000,
+        help="images in the data-pipeline epoch (0: skip; default: %(default)s)")
+    add("--json", help="write all results to this JSON file (default: none, the table only)")
 
 
 def main(args: argparse.Namespace) -> int:

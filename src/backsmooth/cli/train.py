@@ -2,8 +2,11 @@
 
 import argparse
 import dataclasses
+import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from backsmooth import config as cfg
@@ -12,7 +15,7 @@ from backsmooth import methods
 from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, TrainingDiverged, one_line
 from backsmooth.plugins import is_import_path
 from backsmooth.presets import preset
-from backsmooth.training import train
+from backsmooth.training import DEFAULT_RUNS, train
 
 
 def _flag(name: str) -> str:
@@ -39,16 +42,30 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.epilog = ("Defaults are shown per flag; with no --preset, --config or --dataset the demo preset "
+                     "(cpu-digits-backward_smoothing: digits, small_cnn, eps 0.1, 30 epochs) applies first.")
     names = [f.name for f in dataclasses.fields(cfg.RunConfig) if f.name != "method_options"]
     for name in (*names, *cfg.option_names()):
         kinds = {f.type for f in dataclasses.fields(cfg.RunConfig) if f.name == name}
         is_bool = bool in kinds or "bool" in kinds or (name not in names and methods.options()[name].kind is bool)
+        text = _with_default(name, cfg.field_help(name)).replace("%", "%%")
         if is_bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=cfg.field_help(name).replace("%", "%%"))
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(),
-                                help=cfg.field_help(name).replace("%", "%%"))
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=text)
+
+
+def _with_default(name: str, text: str) -> str:
+    """A flag's help with its default: RunConfig's value, or the chosen method's own for a method option (the
+    flags themselves default to 'not given', so that presets and files can set them)."""
+    if "default" in text:
+        return text
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg.RunConfig)}
+    if name not in defaults:
+        return f"{text}; default: the method's own"
+    value = defaults[name]
+    shown = "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} (default: {shown})"
 
 
 def resolve_config(args: argparse.Namespace) -> cfg.RunConfig:
@@ -91,4 +108,34 @@ def main(args: argparse.Namespace) -> int:
         print(f"{which:<6} {r['epoch']:>5} {r['clean_acc']:>7.2%} {r['pgd20_acc']:>7.2%}")
     print(f"training time {summary['train_seconds']:.1f} s (evaluation and the collapse guard's "
           f"{summary['guard_seconds']:.1f} s excluded); run directory {summary['run_dir']}")
+    if dist.launched_rank() == 0:
+        print(next_steps(Path(summary["run_dir"]), link_latest(Path(summary["run_dir"]))))
     return 0
+
+
+def link_latest(run_dir: Path) -> Path | None:
+    """Point runs/latest at a run written to the default place (runs/NAME); returns the link, or None when the
+    run is elsewhere or a `latest` that is not our link is in the way (it is never replaced)."""
+    latest = run_dir.parent / "latest"
+    if run_dir.parent != Path(DEFAULT_RUNS) or (latest.exists() and not latest.is_symlink()):
+        return None
+    try:
+        temporary = run_dir.parent / f".latest.{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(run_dir.name, target_is_directory=True)
+        temporary.replace(latest)  # atomic: a reader sees the old run or the new one
+    except OSError:  # a filesystem without symbolic links
+        return None
+    return latest
+
+
+def next_steps(run_dir: Path, latest: Path | None) -> str:
+    """What to run next on this run, with its directory filled in (copy and paste)."""
+    where = shlex.quote(str(latest if latest is not None else run_dir))
+    named = f" ({latest} names this run)" if latest is not None else ""
+    return "\n".join([
+        f"next{named}:",
+        f"  backsmooth eval {where}   # PGD-20 and CW-20 on best.pt (--attacks pgd20,cw20,autoattack: AutoAttack too)",
+        f"  backsmooth report {where} --out {where}/report   # table and plots",
+        f"  python -c \"import backsmooth; model, meta = backsmooth.load_model('{run_dir}'); print(meta)\"",
+    ])

@@ -4,8 +4,8 @@ and its policy, run_dir.py the run directory and its lock, averaging.py the weig
 seconds per step of every method."""
 
 from backsmooth.training.run_dir import DirectoryLock, RunDirectory
-from backsmooth.training.setup import Parts, build_parts
+from backsmooth.training.setup import DEFAULT_RUNS, Parts, build_parts
 from backsmooth.training.step import training_step
 from backsmooth.training.trainer import Trainer, train
 
-__all__ = ["DirectoryLock", "Parts", "RunDirectory", "Trainer", "build_parts", "train", "training_step"]
+__all__ = ["DEFAULT_RUNS", "DirectoryLock", "Parts", "RunDirectory", "Trainer", "build_parts", "train", "training_step"]

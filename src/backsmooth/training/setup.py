@@ -48,12 +48,15 @@ def runtime_for(config: RunConfig) -> Runtime:
     return runtime
 
 
+DEFAULT_RUNS = "runs"  # where a run without --out goes (relative to the working directory)
+
+
 def default_run_path(config: RunConfig, runtime: Runtime) -> Path:
     """--out, else runs/METHOD-DATASET-ARCH-TIME (rank 0's time on every rank)."""
     if config.out:
         return Path(config.out)
     name = f"{config.method}-{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(dist.broadcast_object(str(Path("runs") / name), runtime.proc))
+    return Path(dist.broadcast_object(str(Path(DEFAULT_RUNS) / name), runtime.proc))
 
 
 def default_val_size(config: RunConfig) -> int:
