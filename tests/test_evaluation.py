@@ -84,8 +84,9 @@ def test_attack_names_parse_to_documented_settings():
     assert fields(parse_attack("pgd20")) == ("pgd20", "pgd", 20, True, 1)
     assert fields(parse_attack("PGD100-norand")) == ("pgd100-norand", "pgd", 100, False, 1)
     assert fields(parse_attack("cw30x4")) == ("cw30x4", "cw", 30, True, 4)
-    assert parse_attack("pgd20").settings(0.1, 0.025) == dict(kind="pgd", eps=0.1, loss="CE", steps=20,
+    assert parse_attack("pgd20").settings(0.1, 0.025) == dict(kind="pgd", eps=0.1, norm="Linf", loss="CE", steps=20,
                                                                step_size=0.025, random_start=True, restarts=1)
+    assert parse_attack("cw20").settings(0.5, 0.125, "l2")["norm"] == "L2"
     assert parse_attack("fgsm").kind == "fgsm"
     assert parse_attack("autoattack").components == ("apgd-ce", "apgd-t", "fab-t", "square")
     assert parse_attack("autoattack-apgd").components == ("apgd-ce", "apgd-t")
@@ -149,7 +150,8 @@ def test_result_is_the_worst_case_of_its_attacks(model, digits):
     json.dumps(info)  # every field is JSON
     written = result.to_json()
     assert list(written) == ["n_examples", "eps", "clean_acc", "robust_acc", "per_attack", "attacks", "settings",
-                             "self_checks", "flags", "autoattack_warnings", "batches", "seconds"]  # no per_example
+                             "self_checks", "flags", "autoattack_warnings", "batches", "seconds",
+                             "norm"]  # no per_example
     assert written["robust_acc"] == result.robust_acc and written["attacks"]["fgsm"]["settings"]["step_size"] == EPS
     assert model_info(written, "m", "small_cnn", "digits") == info  # a plain dict of the same keys works too
 

@@ -144,8 +144,8 @@ def test_main_table_values(report):
                           ("backward_smoothing seed=0", "last (epoch 3)"),
                           ("backward_smoothing seed=1", "best (epoch 3)"), ("pgd_at", "best (epoch 2)")]
     trades = rows["trades", "best (epoch 3)"]
-    assert (trades["method"], trades["arch"], trades["dataset"], trades["eps"], trades["epochs"]) == (
-        "trades", "resnet18", "cifar10", "8/255", "3")
+    assert (trades["method"], trades["arch"], trades["dataset"], trades["threat model"], trades["epochs"]) == (
+        "trades", "resnet18", "cifar10", "Linf, eps 8/255", "3")
     assert (trades["clean"], trades["PGD-20"], trades["CW-20"], trades["AutoAttack-APGD"]) == (
         "80.00", "45.00", "n/a", "n/a")
     assert (trades["examples"], trades["train time"], trades["time/epoch"], trades["vs TRADES-10"]) == (
@@ -216,9 +216,9 @@ def test_report_json_keeps_the_keys_of_earlier_reports(report):
     data = json.loads((report.parent / "report.json").read_text())
     docs = Path(__file__).resolve().parents[1] / "docs" / "results"
     earlier = json.loads((docs / "study-seeds" / "report.json").read_text())
-    new_row_keys = {"collapse", "subset_seed"}
+    new_row_keys = {"collapse", "subset_seed", "norm"}
     assert {frozenset(row) for row in data["rows"]} == {frozenset(earlier["rows"][0]) | new_row_keys}
-    new_group_keys = {"collapsed", "n_examples", "subset_seed", "per_attack"}
+    new_group_keys = {"collapsed", "n_examples", "subset_seed", "per_attack", "norm"}
     assert set(data["seed_groups"][0]) == set(earlier["seed_groups"][0]) | new_group_keys
 
 

@@ -11,6 +11,7 @@ from backsmooth.attacks.engine import (
     SignStep,
     StepRule,
     attack_mode,
+    ball_init,
     bernoulli_init,
     ce_loss,
     cw_margin_loss,
@@ -23,6 +24,7 @@ from backsmooth.attacks.engine import (
     unwrap,
     zero_init,
 )
+from backsmooth.attacks.norms import NORMS, SteepestStep, lp_norms, norm_name, steepest_direction, uniform_in_ball
 from backsmooth.attacks.registry import (
     DEFAULT_ATTACKS,
     AttackSpec,
@@ -33,9 +35,9 @@ from backsmooth.attacks.registry import (
 )
 
 
-def pgd(eps: float, step_size: float, steps: int, random_start: bool = True) -> Perturbation:
-    """PGD on cross-entropy (Madry et al.); steps = 1 without random start is FGSM."""
-    return Perturbation(ce_loss, uniform_init if random_start else zero_init, eps, step_size, steps)
+def pgd(eps: float, step_size: float, steps: int, random_start: bool = True, norm: str = "linf") -> Perturbation:
+    """PGD on cross-entropy (Madry et al.) in the norm's ball; steps = 1 without random start is FGSM (L-inf)."""
+    return Perturbation(ce_loss, ball_init(norm) if random_start else zero_init, eps, step_size, steps, norm=norm)
 
 
 def fgsm(eps: float) -> Perturbation:
@@ -44,8 +46,9 @@ def fgsm(eps: float) -> Perturbation:
 
 
 __all__ = [
-    "AUTOATTACK_VARIANTS", "DEFAULT_ATTACKS", "AttackSpec", "attack_forms", "parse_attack", "parse_attacks", "register",
+    "AUTOATTACK_VARIANTS", "DEFAULT_ATTACKS", "NORMS", "SteepestStep", "lp_norms", "norm_name", "steepest_direction",
+    "uniform_in_ball", "AttackSpec", "attack_forms", "parse_attack", "parse_attacks", "register",
     "AttackOutput", "Initializer", "LossFn", "Momentum", "Perturbation", "SignStep", "StepRule", "attack_mode",
-    "bernoulli_init", "ce_loss", "cw_margin_loss", "fgsm", "gaussian_init", "kl_loss", "pgd", "predict_eval", "project",
-    "uniform_init", "uniform_noise_init", "unwrap", "zero_init",
+    "ball_init", "bernoulli_init", "ce_loss", "cw_margin_loss", "fgsm", "gaussian_init", "kl_loss", "pgd",
+    "predict_eval", "project", "uniform_init", "uniform_noise_init", "unwrap", "zero_init",
 ]

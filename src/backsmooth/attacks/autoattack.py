@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks.engine import attack_mode, predict_eval
-from backsmooth.attacks.registry import AttackSpec, register
+from backsmooth.attacks.norms import NORMS, lp_norms
+from backsmooth.attacks.registry import RUNS_ON, AttackSpec, register
 from backsmooth.errors import BacksmoothError
 
 PACKAGES = ("pyautoattack", "autoattack")
@@ -78,18 +79,19 @@ def _captured_messages(into: list[str]) -> Iterator[None]:
 
 
 def run_component(model: nn.Module, component: str, x: Tensor, y: Tensor, eps: float, seed: int,
-                  num_classes: int, messages: list[str]) -> Tensor:
-    """A bool per example: still classified correctly after AutoAttack's `component` (L-inf, standard settings).
+                  num_classes: int, messages: list[str], norm: str = "linf") -> Tensor:
+    """A bool per example: still classified correctly after AutoAttack's `component` (standard settings of the
+    norm's version: L-inf, L2 or L1).
 
     The model runs in eval mode without parameter gradients; the package's seeding of the global
-    RNG is undone afterwards. Targeted components use min(9, classes - 1) target classes (9 is the
-    standard setting, which needs at least 10 classes). Package warnings are appended to `messages`.
+    RNG is undone afterwards. Targeted components use the standard number of target classes (9; APGD-T 5 at
+    L1), at most classes - 1. Package warnings are appended to `messages`.
     """
     if component not in STANDARD:
         raise ValueError(f"unknown AutoAttack component {component!r}; expected one of {STANDARD}")
     package = autoattack_module()
     constructor = inspect.signature(package.AutoAttack).parameters
-    options: dict[str, Any] = dict(norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+    options: dict[str, Any] = dict(norm=RUNS_ON[norm], eps=eps, version="standard", seed=seed, device=x.device)
     if "verbose" in constructor:  # the original package prints unless told otherwise
         options["verbose"] = False
     devices = [x.device] if x.device.type == "cuda" else []
@@ -97,18 +99,18 @@ def run_component(model: nn.Module, component: str, x: Tensor, y: Tensor, eps: f
         adversary = package.AutoAttack(net, **options)
         adversary.verbose = False
         adversary.attacks_to_run = [component]
-        targets = min(9, num_classes - 1)
-        adversary.apgd_targeted.n_target_classes = targets
-        adversary.fab.n_target_classes = targets
+        adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, num_classes - 1)
+        adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, num_classes - 1)
         run = adversary.run_standard_evaluation
         if "batch_size" in inspect.signature(run).parameters:  # pyautoattack
             x_adv, _ = run(x, y, batch_size=len(y))
         else:  # the original package
             x_adv = run(x, y, bs=len(y))
-    if (x_adv - x).abs().amax() > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
-        raise RuntimeError(f"AutoAttack's {component} returned points outside the eps ball or the [0, 1] box")
+    if lp_norms(x_adv - x, norm).amax() > eps * (1 + 1e-4) + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"AutoAttack's {component} returned points outside the {norm} eps ball or the [0, 1] box")
     return predict_eval(model, x_adv).argmax(1) == y
 
 
 register("|".join(AUTOATTACK_VARIANTS), tuple(AUTOATTACK_VARIANTS),
-         lambda m: AttackSpec(m.group(0), "autoattack", components=AUTOATTACK_VARIANTS[m.group(0)], loss="AutoAttack"))
+         lambda m: AttackSpec(m.group(0), "autoattack", components=AUTOATTACK_VARIANTS[m.group(0)], loss="AutoAttack",
+                              norms=NORMS))

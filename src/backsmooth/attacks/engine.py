@@ -5,7 +5,8 @@ step) is a `Perturbation` built from these parts. `attack_mode` owns the convent
 docs/algorithms.md#conventions: the model runs in eval mode without parameter gradients, and its
 previous state is restored afterwards.
 
-The step rule turns each input gradient into the direction of the step, and may carry state from
+The threat model is a norm and a radius (attacks/norms.py: L-inf, L2, L1). The step rule turns each input
+gradient into the direction of the step, and may carry state from
 one step to the next within a call: `rule.init(x)` gives the first state, `rule.step(grad, state)`
 the direction and the next state. The default `SignStep` is sign(grad), the L-inf steepest ascent
 of PGD and FGSM; `Momentum` is MI-FGSM's accumulated gradient. Momentum or Adam-style attacks are
@@ -20,6 +21,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from backsmooth.attacks.norms import SteepestStep, project_onto, uniform_in_ball
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(logits, target) -> per-example loss of shape (m,); the attack ascends it."""
@@ -77,7 +80,7 @@ def kl_loss(logits: Tensor, log_target: Tensor) -> Tensor:
 
 
 def cw_margin_loss(kappa: float = float("inf")) -> LossFn:
-    """Ascent form of the CW-inf loss: min(max_{j != y} z_j - z_y, kappa)."""
+    """Ascent form of the CW margin loss (CW-inf at L-inf): min(max_{j != y} z_j - z_y, kappa)."""
 
     def loss(logits: Tensor, y: Tensor) -> Tensor:
         logits = logits.float()
@@ -136,9 +139,9 @@ class Momentum:
         return accumulated.sign(), accumulated
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    """Onto the L-inf ball of radius eps around x, then into the [0, 1] box."""
-    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
+    """Onto the norm's ball of radius eps around x (L-inf unless told), then into the [0, 1] box (attacks/norms.py)."""
+    return project_onto(x_adv, x, eps, norm)
 
 
 # --------------------------------------------------------------------------- initialisers
@@ -159,6 +162,18 @@ def uniform_init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
                  generator: torch.Generator | None) -> Tensor:
     """x + U(-eps, eps), projected (random start of PGD and FGSM-RS)."""
     return project(x + (2 * _rand(x, generator) - 1) * eps, x, eps)
+
+
+def ball_init(norm: str) -> Initializer:
+    """A start uniform in the norm's eps-ball, in the box (`uniform_init` for L-inf: the same draws)."""
+    if norm == "linf":
+        return uniform_init
+
+    def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
+             generator: torch.Generator | None) -> Tensor:
+        return uniform_in_ball(x, eps, norm, generator)
+
+    return init
 
 
 def uniform_noise_init(radius: float) -> Initializer:
@@ -202,8 +217,9 @@ class AttackOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class Perturbation:
-    """K steps of x <- B(x + step_size * direction) from init(x), where the step rule turns
-    grad_x loss(f(x), target) into the direction (sign(grad) unless told otherwise; see the module docstring).
+    """K steps of x <- B(x + step_size * direction) from init(x), where B projects onto the `norm` ball and the box
+    and the step rule turns grad_x loss(f(x), target) into the direction (the norm's steepest ascent, sign(grad)
+    for L-inf, unless told otherwise; see the module docstring).
 
     A negative step size descends the loss (the backward-smoothing step).
     """
@@ -213,7 +229,8 @@ class Perturbation:
     eps: float
     step_size: float
     steps: int
-    step_rule: StepRule = SignStep()
+    step_rule: StepRule | None = None  # None: the norm's steepest ascent (sign(grad) for L-inf)
+    norm: str = "linf"  # the ball of the projection (attacks/norms.py)
 
     def __call__(self, model: nn.Module, x: Tensor, target: Tensor,
                  generator: torch.Generator | None = None) -> AttackOutput:
@@ -221,7 +238,8 @@ class Perturbation:
             x = x.detach()
             x_adv = self.init(net, x, target, self.eps, generator).detach()
             start_loss = None
-            state = self.step_rule.init(x)
+            rule = self.step_rule if self.step_rule is not None else SteepestStep(self.norm)
+            state = rule.init(x)
             for step in range(self.steps):
                 x_adv.requires_grad_(True)
                 with torch.enable_grad():
@@ -229,6 +247,6 @@ class Perturbation:
                     (grad,) = torch.autograd.grad(losses.sum(), x_adv)
                 if step == 0:
                     start_loss = losses.detach()
-                direction, state = self.step_rule.step(grad, state)
-                x_adv = project(x_adv.detach() + self.step_size * direction, x, self.eps)
+                direction, state = rule.step(grad, state)
+                x_adv = project(x_adv.detach() + self.step_size * direction, x, self.eps, self.norm)
         return AttackOutput(x_adv.detach(), start_loss)

@@ -14,12 +14,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from backsmooth.attacks.engine import Perturbation, ce_loss, cw_margin_loss, uniform_init, zero_init
+from backsmooth.attacks.engine import Perturbation, ball_init, ce_loss, cw_margin_loss, zero_init
+from backsmooth.attacks.norms import NORMS
 from backsmooth.errors import ConfigError
 
 CW_KAPPA = 50.0
-Builder = Callable[["AttackSpec", float, float], Callable[..., Any]]
-"""(spec, eps, step size) -> attack(model, x, y, generator) returning x_adv or an object with .x_adv."""
+Builder = Callable[..., Callable[..., Any]]
+"""(spec, eps, step size) -> attack(model, x, y, generator) returning x_adv or an object with .x_adv; a family
+whose `norms` name more than L-inf is also given the keyword `norm` ("l2", "l1") for the other threat models."""
+RUNS_ON = {"linf": "Linf", "l2": "L2", "l1": "L1"}  # our norm names -> AutoAttack's and RobustBench's
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class AttackSpec:
     `single_step_reference` attacks (the fgsm_beats_pgd check)."""
     single_step_reference: bool = False
     """An iterative attack that a single-step attack must not beat (PGD on CE)."""
+    norms: tuple[str, ...] = ("linf",)
+    """The threat models the family can attack (attacks/norms.py); another norm is refused in one line."""
 
     def __post_init__(self) -> None:
         if (self.make is None) == (not self.components):
@@ -65,26 +70,34 @@ class AttackSpec:
         `pgd20` and `pgd40` start from the same points and their comparison is free of start noise."""
         return f"{self.kind}-start" if self.random_start else self.kind
 
-    def build(self, eps: float, step_size: float) -> Callable[..., Any]:
-        """The attack callable for this spec."""
+    def check_norm(self, norm: str) -> None:
+        """Refuse a threat model the family cannot attack, in one line."""
+        if norm not in self.norms:
+            raise ConfigError(f"attack {self.name!r} is for {', '.join(self.norms)} only, not {norm}; choose another "
+                              f"attack or --norm")
+
+    def build(self, eps: float, step_size: float, norm: str = "linf") -> Callable[..., Any]:
+        """The attack callable for this spec, in the norm's ball."""
         if self.make is None:
             raise ConfigError(f"{self.name} is not built from the engine (it runs through its own package)")
-        return self.make(self, eps, step_size)
+        self.check_norm(norm)
+        return self.make(self, eps, step_size) if norm == "linf" else self.make(self, eps, step_size, norm=norm)
 
-    def settings(self, eps: float, step_size: float) -> dict[str, Any]:
+    def settings(self, eps: float, step_size: float, norm: str = "linf") -> dict[str, Any]:
         """Every setting of this attack, for the JSON report."""
         if self.runs_in_package:
-            return dict(kind=self.kind, eps=eps, norm="Linf", components=list(self.components))
-        return dict(kind=self.kind, eps=eps, loss=self.loss, steps=self.steps,
+            return dict(kind=self.kind, eps=eps, norm=RUNS_ON[norm], components=list(self.components))
+        return dict(kind=self.kind, eps=eps, norm=RUNS_ON[norm], loss=self.loss, steps=self.steps,
                     step_size=eps if self.single_step else step_size, random_start=self.random_start,
                     restarts=self.restarts)
 
-    def describe(self, eps: float, step_size: float) -> str:
+    def describe(self, eps: float, step_size: float, norm: str = "linf") -> str:
         """A short human-readable summary of the settings, for the printed table."""
         if self.runs_in_package:
             return "AutoAttack " + " + ".join("Square" if c == "square" else c.upper() for c in self.components)
         if self.single_step:
-            return f"{self.loss}, one step of eps ({eps:.4f})"
+            return f"{self.loss}, one step of eps ({eps:.4f})" + ("" if norm == "linf" else f" along the {norm} "
+                                                                                      "steepest ascent")
         start = "random start" if self.random_start else "no random start"
         restarts = f", best of {self.restarts} restarts" if self.restarts > 1 else ""
         return f"{self.loss}, {self.steps} steps of {step_size:.4f}, {start}{restarts}"
@@ -138,20 +151,21 @@ def parse_attacks(names: str | Sequence[str]) -> tuple[AttackSpec, ...]:
 # --------------------------------------------------------------------------- the engine's attacks
 
 
-def _pgd(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
-    return Perturbation(ce_loss, uniform_init if spec.random_start else zero_init, eps, step_size, spec.steps)
+def _pgd(spec: AttackSpec, eps: float, step_size: float, norm: str = "linf") -> Perturbation:
+    return Perturbation(ce_loss, ball_init(norm) if spec.random_start else zero_init, eps, step_size, spec.steps,
+                        norm=norm)
 
 
-def _cw(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
-    return Perturbation(cw_margin_loss(CW_KAPPA), uniform_init if spec.random_start else zero_init, eps, step_size,
-                        spec.steps)
+def _cw(spec: AttackSpec, eps: float, step_size: float, norm: str = "linf") -> Perturbation:
+    return Perturbation(cw_margin_loss(CW_KAPPA), ball_init(norm) if spec.random_start else zero_init, eps, step_size,
+                        spec.steps, norm=norm)
 
 
-def _fgsm(spec: AttackSpec, eps: float, step_size: float) -> Perturbation:
-    return Perturbation(ce_loss, zero_init, eps, eps, 1)
+def _fgsm(spec: AttackSpec, eps: float, step_size: float, norm: str = "linf") -> Perturbation:
+    return Perturbation(ce_loss, zero_init, eps, eps, 1, norm=norm)
 
 
-_ITERATIVE = {"pgd": ("CE", _pgd, True), "cw": (f"CW-inf margin (kappa {CW_KAPPA:g})", _cw, False)}
+_ITERATIVE = {"pgd": ("CE", _pgd, True), "cw": (f"CW margin (kappa {CW_KAPPA:g})", _cw, False)}
 """The engine's iterative families by the kind in their name: (the loss as reported, the builder, whether a
 single-step attack must not beat it)."""
 
@@ -162,12 +176,13 @@ def _parse_iterative(match: re.Match[str]) -> AttackSpec:
         raise ConfigError(f"attack {match.group(0)!r}: restarts without a random start would repeat the same attack")
     loss, make, reference = _ITERATIVE[kind]
     return AttackSpec(match.group(0), kind, int(steps), random_start=not norand, restarts=int(restarts or 1),
-                      loss=loss, make=make, iterative=True, single_step_reference=reference)
+                      loss=loss, make=make, iterative=True, single_step_reference=reference, norms=NORMS)
 
 
 register(r"(pgd|cw)([1-9]\d*)(?:x([1-9]\d*))?(-norand)?", ("pgdK", "pgdKxR", "pgdK-norand", "cwK", "cwKxR",
                                                           "cwK-norand"), _parse_iterative)
-register(r"fgsm", ("fgsm",), lambda m: AttackSpec("fgsm", "fgsm", loss="CE", make=_fgsm, single_step=True))
+register(r"fgsm", ("fgsm",), lambda m: AttackSpec("fgsm", "fgsm", loss="CE", make=_fgsm, single_step=True,
+                                                 norms=NORMS))
 
 DEFAULT_ATTACKS = ("pgd20", "cw20", "autoattack")
 """What `evaluate` runs unless told otherwise (AutoAttack's names are registered in attacks/autoattack.py)."""

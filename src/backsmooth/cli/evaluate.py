@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated attacks (default pgd20,cw20); forms: {', '.join(attack_forms())}")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     parser.add_argument("--data-dir", help="dataset folder (default: the run's)")
-    parser.add_argument("--eps", help="L-inf radius, e.g. 8/255 (default: the run's)")
+    parser.add_argument("--norm", help="threat model: linf, l2 or l1 (RobustBench's Linf, L2, L1 too; default: the "
+                                       "run's, linf); another norm than the run's needs --eps")
+    parser.add_argument("--eps", help="radius in the norm, e.g. 8/255 at linf, 0.5 at l2 (default: the run's)")
     parser.add_argument("--step-size", help="step of pgd/cw attacks (default: eps/4, which is 2/255 at eps 8/255)")
     parser.add_argument("--n-examples", type=int, default=1000, help="stratified test subset size (default 1000)")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch (default: %(default)s)")
@@ -36,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     eps = parse_number(args.eps, "--eps") if args.eps else None
     try:
         protocol = SavedProtocol(args.attacks, args.n_examples, args.batch_size, args.seed, eps, step_size,
-                                 args.dataset, args.data_dir)
+                                 args.dataset, args.data_dir, args.norm)
         path, _ = evaluate_saved(args.target, protocol, name=args.name, out=args.out, device=args.device,
                                  restart=args.restart, progress=False if args.no_progress else None,
                                  log=lambda line: print(line, flush=True))

@@ -3,6 +3,7 @@ AutoAttack, the pointwise worst case, self-checks for gradient masking, and resu
 (docs/evaluation.md)."""
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,8 @@ from backsmooth.attacks import (
     predict_eval,
     project,
 )
+from backsmooth.attacks.norms import RadiusWarning, check_radius, max_radius, norm_name, radius_warning
+from backsmooth.attacks.registry import RUNS_ON
 from backsmooth.errors import ConfigError
 from backsmooth.evaluation.accuracy import fraction, worst_case
 from backsmooth.evaluation.checks import (
@@ -31,7 +34,7 @@ from backsmooth.evaluation.checks import (
     result_checks,
 )
 from backsmooth.evaluation.state import BatchFn, EvaluationState, derived_seed
-from backsmooth.units import eps_text
+from backsmooth.units import eps_text, threat_model_text
 
 PROBE_EXAMPLES = 100  # examples used by the cheap model checks
 EPS0_EXAMPLES = 256  # examples attacked at eps = 0
@@ -58,6 +61,8 @@ class EvalResult:
     batches: dict[str, int]
     """{"total": ..., "resumed": ...}: batches of every unit, and those taken from a saved state."""
     seconds: float
+    norm: str = "linf"
+    """The threat model's norm (attacks/norms.py); eps is its radius."""
     per_example: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -73,8 +78,9 @@ class EvalResult:
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
              attacks: str | Sequence[str] = DEFAULT_ATTACKS, batch_size: int = 256, *, seed: int = 0,
              step_size: float | None = None, state_path: str | Path | None = None, restart: bool = False,
-             progress: bool | None = None) -> EvalResult:
-    """Clean accuracy, per-attack robust accuracy and their pointwise worst case on images `x` in [0, 1].
+             progress: bool | None = None, norm: str = "linf") -> EvalResult:
+    """Clean accuracy, per-attack robust accuracy and their pointwise worst case on images `x` in [0, 1], in the
+    `norm` ball of radius eps ("linf", "l2", "l1"; RobustBench's "Linf", "L2", "L1" too).
 
     Engine attacks (pgd, cw, fgsm) run on every example, so their numbers are true per-attack
     accuracies; AutoAttack runs on the clean-correct examples, its components cumulatively as in
@@ -85,12 +91,17 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
     only in their number of steps start from the same points.
     """
     specs = parse_attacks(attacks)
+    norm = norm_name(norm)
+    for spec in specs:
+        spec.check_norm(norm)
     step_size = eps / 4 if step_size is None else float(step_size)
-    check_inputs(x, y, eps, batch_size, step_size)
+    check_inputs(x, y, eps, batch_size, step_size, norm)
+    if (unusual := radius_warning(eps, norm)) is not None:
+        warnings.warn(unusual, RadiusWarning, stacklevel=2)
     if any(s.runs_in_package for s in specs):
         autoattack.autoattack_module()  # a missing package fails before any work, with its install hint
     run = EvaluationState(model, x, y, batch_size, seed, state_path, restart, progress,
-                          dict(eps=float(eps), step_size=step_size, batch_size=batch_size, seed=seed))
+                          dict(eps=float(eps), norm=norm, step_size=step_size, batch_size=batch_size, seed=seed))
     clean = run.unit("clean", lambda xb, yb, _b, _key: predict_eval(run.model, xb).argmax(1) == yb)
     per_example: dict[str, Tensor] = {"clean": clean}
     raw: dict[str, Tensor] = {}
@@ -104,7 +115,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
                 components[component] = flags
             per_example[spec.name] = flags
         else:
-            raw[spec.name] = run.unit(spec.name, _engine_batch(run, spec, spec.build(eps, step_size)))
+            raw[spec.name] = run.unit(spec.name, _engine_batch(run, spec, spec.build(eps, step_size, norm)))
             per_example[spec.name] = raw[spec.name] & clean
     robust = worst_case(clean, (per_example[s.name] for s in specs))
     per_attack = {s.name: fraction(per_example[s.name]) for s in specs}
@@ -113,7 +124,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
         n_examples=len(y), eps=float(eps), clean_acc=fraction(clean), robust_acc=fraction(robust),
         per_attack=per_attack,
         attacks={s.name: _attack_report(s, run, per_example, raw, components) for s in specs},
-        settings=dict(eps=float(eps), step_size=step_size, batch_size=batch_size, seed=seed,
+        settings=dict(eps=float(eps), norm=norm, step_size=step_size, batch_size=batch_size, seed=seed,
                       attacks=[s.name for s in specs], device=str(run.device), precision="fp32",
                       worst_case="a point is robust only if it is classified correctly clean and under every attack",
                       per_attack_scope="engine attacks: all examples; AutoAttack: clean-correct examples, "
@@ -121,6 +132,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
         self_checks=[asdict(c) for c in checks], flags=[c.name for c in checks if c.flagged],
         autoattack_warnings=sorted(set(messages)), batches=dict(total=run.batches_total, resumed=run.batches_resumed),
         seconds=sum(run.seconds.values()),  # including the sessions before a resume
+        norm=norm,
         per_example=per_example,
     )
 
@@ -136,7 +148,8 @@ def _model_checks(run: EvaluationState, clean: Tensor) -> list[Check]:
 def _attack_report(spec: AttackSpec, run: EvaluationState, per_example: dict[str, Tensor], raw: dict[str, Tensor],
                    components: dict[str, Tensor]) -> dict[str, Any]:
     report: dict[str, Any] = dict(robust_acc=fraction(per_example[spec.name]),
-                                  settings=spec.settings(run.fingerprint["eps"], run.fingerprint["step_size"]))
+                                  settings=spec.settings(run.fingerprint["eps"], run.fingerprint["step_size"],
+                                                         run.fingerprint["norm"]))
     if spec.runs_in_package:
         report["settings"].update(version="standard", package=autoattack.package_description())
         report["after_component"] = {c: fraction(components[c]) for c in spec.components}
@@ -147,15 +160,15 @@ def _attack_report(spec: AttackSpec, run: EvaluationState, per_example: dict[str
     return report
 
 
-def check_inputs(x: Tensor, y: Tensor, eps: float, batch_size: int, step_size: float) -> None:
+def check_inputs(x: Tensor, y: Tensor, eps: float, batch_size: int, step_size: float, norm: str = "linf") -> None:
     """Refuse inputs that would make the evaluation meaningless, before any work."""
     if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
         raise ConfigError(f"need images of shape (N, C, H, W) and N labels with N > 0, got {tuple(x.shape)} "
                           f"and {tuple(y.shape)}")
-    if not 0 <= eps <= 1:  # also refuses NaN
-        raise ConfigError(f"eps must be in [0, 1] in pixel units (8/255 = 0.0314), got {eps}")
-    if not (0 < step_size <= 1 or eps == step_size == 0):  # a zero step is a null attack: refused unless eps is 0
-        raise ConfigError(f"attack step size must be in (0, 1] in pixel units (default eps/4), got {step_size}")
+    check_radius(eps, norm, x[0].numel())
+    largest = max_radius(norm, x[0].numel())
+    if not (0 < step_size <= largest or eps == step_size == 0):  # a zero step is a null attack: only at eps 0
+        raise ConfigError(f"attack step size must be in (0, {largest:g}] at {norm} (default eps/4), got {step_size}")
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if x.is_floating_point() and not (x.min() >= 0 and x.max() <= 1):
@@ -174,7 +187,8 @@ def _engine_batch(run: EvaluationState, spec: AttackSpec, attack: Callable[..., 
                 break
             generator = torch.Generator(x.device).manual_seed(derived_seed(run.seed, spec.noise_key, b, restart))
             out = attack(run.model, x[todo], y[todo], generator)
-            x_adv = project(getattr(out, "x_adv", out).detach(), x[todo], run.fingerprint["eps"])
+            x_adv = project(getattr(out, "x_adv", out).detach(), x[todo], run.fingerprint["eps"],
+                            run.fingerprint["norm"])
             correct[todo] = predict_eval(run.model, x_adv).argmax(1) == y[todo]
         return correct
 
@@ -190,7 +204,7 @@ def _autoattack_batch(run: EvaluationState, component: str, before: Tensor, mess
         if len(todo):
             robust[todo] = autoattack.run_component(
                 run.model, component, x[todo], y[todo], run.fingerprint["eps"],
-                derived_seed(run.seed, component, b), run.num_classes, messages)
+                derived_seed(run.seed, component, b), run.num_classes, messages, run.fingerprint["norm"])
         return robust
 
     return batch
@@ -206,7 +220,7 @@ def model_info(result: EvalResult | Mapping[str, Any], name: str, architecture: 
     if not isinstance(result, EvalResult):
         result = EvalResult.from_json(result)
     info: dict[str, Any] = dict(name=name, architecture=architecture, dataset=dataset, eps=eps_text(result.eps),
-                                clean_acc=f"{100 * result.clean_acc:.2f}")
+                                threat_model=RUNS_ON[result.norm], clean_acc=f"{100 * result.clean_acc:.2f}")
     if "autoattack" in result.per_attack:
         info["autoattack_acc"] = f"{100 * result.per_attack['autoattack']:.2f}"
     info.update(extra or {})
@@ -216,12 +230,13 @@ def model_info(result: EvalResult | Mapping[str, Any], name: str, architecture: 
 
 def result_table(result: EvalResult) -> str:
     """The printed summary: one row per attack, the worst case, then the self-checks."""
-    eps, step = result.settings["eps"], result.settings["step_size"]
-    rows = [f"{'attack':<16} {'accuracy':>9}  {'time':>8}  settings",
+    eps, step, norm = result.settings["eps"], result.settings["step_size"], result.norm
+    rows = [f"threat model: {threat_model_text(norm, eps)}", f"{'attack':<16} {'accuracy':>9}  {'time':>8}  settings",
             f"{'clean':<16} {result.clean_acc:>9.2%}"]
     for name, report in result.attacks.items():
         spec = parse_attack(name)
-        rows.append(f"{name:<16} {report['robust_acc']:>9.2%}  {report['seconds']:>7.1f}s  {spec.describe(eps, step)}")
+        rows.append(f"{name:<16} {report['robust_acc']:>9.2%}  {report['seconds']:>7.1f}s  "
+                    f"{spec.describe(eps, step, norm)}")
     rows.append(f"{'worst case':<16} {result.robust_acc:>9.2%}  {result.seconds:>7.1f}s  "
                 f"robust only if every attack failed")
     flagged = [c for c in result.self_checks if c["flagged"]]

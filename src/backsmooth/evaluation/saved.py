@@ -5,6 +5,7 @@ and `backsmooth study` both call `evaluate_saved`."""
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,14 @@ from torch import Tensor
 
 from backsmooth.atomic import atomic_write_json
 from backsmooth.attacks import parse_attacks
+from backsmooth.attacks.norms import RadiusWarning, norm_name, radius_warning
 from backsmooth.checkpoint import load_model
 from backsmooth.data import load_dataset
 from backsmooth.errors import ConfigError, DataError, Interrupted
 from backsmooth.evaluation.accuracy import stratified_subset
-from backsmooth.evaluation.core import EvalResult, eps_text, evaluate, model_info, result_table
+from backsmooth.evaluation.core import EvalResult, evaluate, model_info, result_table
 from backsmooth.runtime import resolve_device
+from backsmooth.units import threat_model_text
 
 
 class EvaluationInterrupted(Interrupted):
@@ -41,8 +44,8 @@ def check_name(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class SavedProtocol:
     """What an evaluation of a saved model measures: the attacks, on how many stratified test examples, with
-    which batch size and seed, at which eps and step size (default: the run's eps, eps / 4), on which data
-    (default: the run's dataset and folder)."""
+    which batch size and seed, in which threat model (default: the run's norm and eps; another norm needs its
+    eps) and step size (default eps / 4), on which data (default: the run's dataset and folder)."""
 
     attacks: str | Sequence[str]
     n_examples: int = 1000
@@ -52,6 +55,7 @@ class SavedProtocol:
     step_size: float | None = None
     dataset: str | None = None
     data_dir: str | None = None
+    norm: str | None = None
 
 
 def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | None = None,
@@ -67,14 +71,17 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     attacks, n_examples, batch_size, seed = protocol.attacks, protocol.n_examples, protocol.batch_size, protocol.seed
     eps, step_size, dataset, data_dir = protocol.eps, protocol.step_size, protocol.dataset, protocol.data_dir
     specs = parse_attacks(attacks)
+    norm = norm_name(protocol.norm) if protocol.norm is not None else None
+    for spec in specs:
+        spec.check_norm(norm or "linf")
     if n_examples <= 0:
         raise ConfigError(f"--n-examples must be positive, got {n_examples}")
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
-    if step_size is not None and not 0 < step_size <= 1:
-        raise ConfigError(f"--step-size must be in (0, 1] in pixel units (e.g. 2/255), got {step_size}")
-    if eps is not None and not 0 <= eps <= 1:
-        raise ConfigError(f"--eps must be in [0, 1] in pixel units (e.g. 8/255), got {eps}")
+    if step_size is not None and not 0 < step_size:
+        raise ConfigError(f"--step-size must be positive, in pixel units (e.g. 2/255), got {step_size}")
+    if eps is not None and not (0 <= eps < float("inf")):
+        raise ConfigError(f"--eps must be a finite number >= 0 in pixel units (e.g. 8/255), got {eps}")
     if name is not None:
         check_name(name)
     model, meta = load_model(target, resolve_device(device))
@@ -85,7 +92,15 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise DataError(f"{meta['path']} does not name its dataset; pass --dataset")
+    trained_norm = str(meta.get("norm", "linf"))
+    norm = norm or trained_norm
+    if eps is None and norm != trained_norm:
+        raise ConfigError(f"the model was trained at {trained_norm} eps {meta['eps']:g}; give --eps for {norm} "
+                          f"(e.g. --norm l2 --eps 0.5)")
     eps = eps if eps is not None else float(meta["eps"])
+    warning = radius_warning(eps, norm)
+    if warning:
+        log(f"warning: {warning}")
     test = load_dataset(dataset, data_dir or run_config.get("data_dir"), val_size=0,
                         cache_dir=run_config.get("cache_dir")).test
     _check_fits(test.images, test.labels, meta, dataset)
@@ -96,10 +111,13 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     _check_writable(folder)
     log(f"{meta['path']}: {meta['arch']}" + (f" trained with {meta['method']}" if "method" in meta else "")
         + f"; {len(index)} of {len(test.labels)} {dataset} test examples (stratified, seed {seed}); "
-          f"eps {eps_text(eps)} = {eps:.4f}")
+          f"{threat_model_text(norm, eps)} = {eps:.4f}")
     try:
-        result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs], batch_size,
-                          seed=seed, step_size=step_size, state_path=state_path, restart=restart, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RadiusWarning)  # logged above, in one line
+            result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs],
+                              batch_size, seed=seed, step_size=step_size, state_path=state_path, restart=restart,
+                              progress=progress, norm=norm)
     except KeyboardInterrupt:
         raise EvaluationInterrupted(state_path) from None
     if result.batches["resumed"]:

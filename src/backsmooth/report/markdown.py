@@ -15,13 +15,13 @@ from backsmooth.report.rows import (
     autoattack_components_text,
     subset_tags,
 )
-from backsmooth.units import eps_text
+from backsmooth.units import threat_model_text
 
 # the main table's columns before and after the accuracies (clean, one per attack, worst case)
-COLUMNS = ("run", "checkpoint", "method", "arch", "dataset", "eps", "epochs")
+COLUMNS = ("run", "checkpoint", "method", "arch", "dataset", "threat model", "epochs")
 COLUMNS_AFTER = ("examples", "train time", "time/epoch", "vs TRADES-10", "source")
 COLLAPSED = " (collapsed)"  # after the run label of a run the collapse guard flagged
-GROUP_COLUMNS = ("runs", "checkpoint", "n", "seeds", "examples")
+GROUP_COLUMNS = ("runs", "checkpoint", "threat model", "n", "seeds", "examples")
 GROUP_COLUMNS_AFTER = ("time/epoch", "vs TRADES-10", "source")
 
 
@@ -58,7 +58,7 @@ def _row_cells(row: Row, attacks: Sequence[str], tag: str) -> list[str]:
     examples = str(row.n_examples) + (" val" if row.source_kind == "validation" else "")
     ratio = row.relative_to_trades10
     return [row.label + (COLLAPSED if row.collapse else ""), _with_tag(row.checkpoint + epoch, tag), row.method,
-            row.arch, row.dataset, eps_text(row.eps), epochs, _percent(row.clean_acc),
+            row.arch, row.dataset, threat_model_text(row.norm, row.eps), epochs, _percent(row.clean_acc),
             *(_percent(row.per_attack.get(a)) for a in attacks),
             ("<= " if row.worst_case_bound and row.worst_case_acc is not None else "") + _percent(row.worst_case_acc),
             examples, format_duration(row.train_seconds), format_duration(row.seconds_per_epoch),
@@ -73,7 +73,8 @@ def _group_cells(group: SeedGroup, attacks: Sequence[str], tag: str) -> list[str
     time = group.seconds_per_epoch
     n = str(group.n) + (f" ({group.collapsed} collapsed)" if group.collapsed else "")
     examples = str(group.n_examples) + (" val" if "validation" in group.source_kinds else "")
-    return [group.label, _with_tag(group.checkpoint, tag), n, ", ".join(map(str, group.seeds)), examples,
+    return [group.label, _with_tag(group.checkpoint, tag), threat_model_text(group.norm, group.eps), n,
+            ", ".join(map(str, group.seeds)), examples,
             _mean_std(group.clean_acc), *(_mean_std(group.per_attack.get(a)) for a in attacks),
             _mean_std(group.worst_case_acc),
             "n/a" if time is None else f"{format_duration(time.mean)} ± {format_duration(time.std)}",

@@ -173,3 +173,23 @@ def read_run(path: str | Path) -> RunData:
                  f"{file} evaluation")
         evals[file.name] = info
     return RunData(path, config, metrics, summary, evals, events)
+
+
+# the collapse guard's --on-collapse, as the collapse text says it
+ACTIONS = {"stop": "stopped", "warn": "went on", "rollback": "rolled back"}
+
+
+def collapse_text(event: dict[str, Any] | None) -> str | None:
+    """'epoch 3 (step 120): guard FGSM 85.0% vs PGD 4.0%, stopped' for a collapse event (runs from before the
+    FGSM/PGD rule: 'guard PGD-5 4.0% vs best 31.0%'); None for none."""
+    if event is None:
+        return None
+    text = f"epoch {event['epoch']}" + (f" (step {event['step']})" if event.get("step") is not None else "")
+    robust, best = finite_or_none(event.get("guard_pgd_acc")), finite_or_none(event.get("guard_best"))
+    single = finite_or_none(event.get("guard_fgsm_acc"))
+    if robust is not None and single is not None:
+        text += f": guard FGSM {100 * single:.1f}% vs PGD {100 * robust:.1f}%"
+    elif robust is not None:
+        text += f": guard PGD-5 {100 * robust:.1f}%" + (f" vs best {100 * best:.1f}%" if best is not None else "")
+    action = event.get("action") if isinstance(event.get("action"), str) else None
+    return text + (f", {ACTIONS.get(action, action)}" if action else "")

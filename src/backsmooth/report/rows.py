@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from backsmooth.report.read import RunData, finite_or_none, flat_config, method_options
+from backsmooth.report.read import RunData, collapse_text, finite_or_none, flat_config, method_options
 from backsmooth.units import eps_text
 
 # config keys that do not change what a run computes: never in labels, ignored when grouping seeds
@@ -21,8 +21,6 @@ LABEL_KEYS_THEN = ("epochs", "batch_size", "lr", "schedule")
 # RobustBench's standard AutoAttack ensemble, in its order; a subset is named by its components
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 _CHECKPOINT_ORDER = {"best": 0, "last": 1}
-# the collapse guard's --on-collapse, as the collapse text says it
-ACTIONS = {"stop": "stopped", "warn": "went on", "rollback": "rolled back"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,7 @@ class Row:
     relative_to_trades10: float | None
     data_note: str | None  # the run's summary.json note: in the report's notes, not in its rows
     collapse: str | None = None  # where the collapse guard saw catastrophic overfitting (see `collapse_text`)
+    norm: str = "linf"  # the threat model's norm; eps is its radius
 
     def to_json(self) -> dict[str, Any]:
         """The row as report.json has always stored it (the data note goes to its notes instead)."""
@@ -106,6 +105,7 @@ class SeedGroup:
     relative_to_trades10: MeanStd | None
     per_attack: dict[str, MeanStd | None] = field(default_factory=dict)  # every attack a member ran
     collapsed: int = 0  # how many of the runs the collapse guard flagged
+    norm: str = "linf"
 
     def to_json(self) -> dict[str, Any]:
         """The group as report.json stores it."""
@@ -130,6 +130,7 @@ class _Accuracies:
     per_attack: dict[str, Any] = field(default_factory=dict)
     attacks: dict[str, Any] = field(default_factory=dict)  # the eval files' per-attack reports (settings)
     results: list[tuple[set[str], float | None]] = field(default_factory=list)  # (attacks run, pointwise worst)
+    norm: str = "linf"
 
 
 def _value_text(key: str, value: Any) -> str:
@@ -203,22 +204,6 @@ def subset_tags(keys: Sequence[Hashable], subsets: Sequence[tuple[int | None, in
     return tags
 
 
-def collapse_text(event: dict[str, Any] | None) -> str | None:
-    """'epoch 3 (step 120): guard FGSM 85.0% vs PGD 4.0%, stopped' for a collapse event (runs from before the
-    FGSM/PGD rule: 'guard PGD-5 4.0% vs best 31.0%'); None for none."""
-    if event is None:
-        return None
-    text = f"epoch {event['epoch']}" + (f" (step {event['step']})" if event.get("step") is not None else "")
-    robust, best = finite_or_none(event.get("guard_pgd_acc")), finite_or_none(event.get("guard_best"))
-    single = finite_or_none(event.get("guard_fgsm_acc"))
-    if robust is not None and single is not None:
-        text += f": guard FGSM {100 * single:.1f}% vs PGD {100 * robust:.1f}%"
-    elif robust is not None:
-        text += f": guard PGD-5 {100 * robust:.1f}%" + (f" vs best {100 * best:.1f}%" if best is not None else "")
-    action = event.get("action") if isinstance(event.get("action"), str) else None
-    return text + (f", {ACTIONS.get(action, action)}" if action else "")
-
-
 def _pick_cw(per_attack: dict[str, float | None]) -> tuple[str | None, float | None]:
     """cw20 when evaluated, else the first other CW attack."""
     names = ["cw20"] + sorted(n for n in per_attack if n.startswith("cw") and n != "cw20")
@@ -255,15 +240,16 @@ def _eval_accuracies(run: RunData) -> list[_Accuracies]:
         evaluation, checkpoint = info["evaluation"], info.get("checkpoint") or {}
         which = Path(checkpoint["path"]).stem if checkpoint.get("path") else "model"
         subset_seed = (info.get("subset") or {}).get("seed")
-        entry = merged.setdefault((which, evaluation["eps"], evaluation["n_examples"], subset_seed), _Accuracies(
+        norm = str(evaluation.get("norm", "linf"))
+        entry = merged.setdefault((which, norm, evaluation["eps"], evaluation["n_examples"], subset_seed), _Accuracies(
             checkpoint=which, epoch=checkpoint.get("epoch"), eps=float(evaluation["eps"]),
             clean_acc=finite_or_none(evaluation["clean_acc"]), n_examples=evaluation["n_examples"],
-            subset_seed=subset_seed, source_kind="eval", sources=[]))
+            subset_seed=subset_seed, source_kind="eval", sources=[], norm=norm))
         entry.per_attack.update(evaluation["per_attack"])
         entry.attacks.update(evaluation.get("attacks") or {})
         entry.sources.append(name)
         entry.results.append((set(evaluation["per_attack"]), finite_or_none(evaluation.get("robust_acc"))))
-    return sorted(merged.values(), key=lambda e: (_CHECKPOINT_ORDER.get(e.checkpoint, 2), e.checkpoint, e.eps,
+    return sorted(merged.values(), key=lambda e: (_CHECKPOINT_ORDER.get(e.checkpoint, 2), e.checkpoint, e.norm, e.eps,
                                                   e.n_examples, -1 if e.subset_seed is None else e.subset_seed))
 
 
@@ -272,14 +258,14 @@ def _accuracies(run: RunData) -> list[_Accuracies]:
     trainer draws both its final test subset and its validation split with the run's seed)."""
     if run.evals:
         return _eval_accuracies(run)
-    eps, seed = float(run.settings["eps"]), run.settings["seed"]
+    eps, seed, norm = float(run.settings["eps"]), run.settings["seed"], str(run.settings.get("norm", "linf"))
     if run.summary is not None and run.summary["test_examples"] > 0:
         best = run.summary["best"]
         pgd20 = finite_or_none(best.get("pgd20_acc"))
         return [_Accuracies(checkpoint="best", epoch=best.get("epoch"), eps=eps,
                             clean_acc=finite_or_none(best.get("clean_acc")), n_examples=run.summary["test_examples"],
                             subset_seed=seed, source_kind="test", sources=["summary.json"],
-                            per_attack={"pgd20": best.get("pgd20_acc")}, results=[({"pgd20"}, pgd20)])]
+                            per_attack={"pgd20": best.get("pgd20_acc")}, results=[({"pgd20"}, pgd20)], norm=norm)]
 
     # unfinished run: the epoch the trainer keeps as best.pt, on the validation split
     def score(row: dict[str, Any]) -> float:  # as the trainer: robust accuracy, clean when there is none
@@ -292,7 +278,7 @@ def _accuracies(run: RunData) -> list[_Accuracies]:
                         clean_acc=finite_or_none(row.get("val_clean_acc")), n_examples=row.get("val_examples"),
                         subset_seed=seed, source_kind="validation", sources=["metrics.jsonl (validation split)"],
                         per_attack={attack: row.get(run.val_key)},
-                        results=[({attack}, finite_or_none(row.get(run.val_key)))])]
+                        results=[({attack}, finite_or_none(row.get(run.val_key)))], norm=norm)]
 
 
 def _worst_case(results: Sequence[tuple[set[str], float | None]],
@@ -348,7 +334,7 @@ def build_rows(runs: Sequence[RunData]) -> list[Row]:
                 worst_case_acc=worst_acc, worst_case_bound=worst_bound, worst_case_attacks=worst_attacks,
                 train_seconds=run.train_seconds, seconds_per_epoch=run.seconds_per_epoch,
                 relative_to_trades10=run.seconds_per_epoch / reference if reference and run.metrics else None,
-                data_note=run.data_note, collapse=collapse_text(run.collapse)))
+                data_note=run.data_note, collapse=collapse_text(run.collapse), norm=entry.norm))
     return rows
 
 
@@ -379,7 +365,8 @@ def _seed_group(members: Sequence[Row]) -> SeedGroup:
                      subset_seed=first.subset_seed, n=len(members), per_attack=per_attack,
                      seeds=tuple(m.seed for m in members), run_dirs=tuple(m.run_dir for m in members),
                      source_kinds=tuple(sorted({m.source_kind for m in members})),
-                     collapsed=sum(m.collapse is not None for m in members), **statistics_and_names)
+                     collapsed=sum(m.collapse is not None for m in members), norm=first.norm,
+                     **statistics_and_names)
 
 
 def seed_groups(rows: Sequence[Row]) -> list[SeedGroup]:
@@ -394,6 +381,7 @@ def seed_groups(rows: Sequence[Row]) -> list[SeedGroup]:
     """
     by_key: dict[tuple[Any, ...], list[Row]] = {}
     for row in rows:
-        key = (row.group, row.checkpoint, row.eps, row.source_kind == "validation", row.n_examples, row.subset_seed)
+        key = (row.group, row.checkpoint, row.norm, row.eps, row.source_kind == "validation", row.n_examples,
+               row.subset_seed)
         by_key.setdefault(key, []).append(row)
     return [_seed_group(members) for members in by_key.values() if len({m.run_dir for m in members}) >= 2]
