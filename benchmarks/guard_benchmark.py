@@ -16,7 +16,8 @@ attack is a single CE step): runs logged by an earlier version of the thresholds
 one. A guard event on a healthy run is a false alarm; on a collapsing run a detection. The delay of a
 detection is counted from the onset, the first check after which the guard's own PGD accuracy stays below
 half of the highest it read before (the first check for a run that was never robust), to the event.
-Writes the Markdown table to stdout and every run's row to guard_benchmark.json in the current folder.
+Writes the Markdown table to stdout and every run's row to guard_benchmark.json in the current folder;
+`--checks FOLDER...` prints every check's counts instead.
 """
 
 import json
@@ -110,9 +111,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(folders: list[str]) -> None:
-    rows = [run_row(run) for folder in folders for run in sorted((Path(folder) / "runs").iterdir())
+def checks_text(runs: list[Path]) -> str:
+    """Every check's counts, run by run: the numbers the rule decided on, to judge again by hand."""
+    lines = []
+    for run in runs:
+        clean, fgsm, pgd = final_accuracies(run)
+        lines.append(f"{run.name}: last.pt clean {clean:.3f}, FGSM {fgsm:.3f}, PGD-20 {pgd:.3f}")
+        for c in (r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "guard" and r["step"] > 0):
+            lines.append(f"  step {c['step']:4d}: clean {c['clean']:3d}, S {c['single']:3d}, K {c['kept']:3d}, "
+                         f"gap {c['single'] - c['kept']:3d}, up {c['up']:3d}, down {c['down']:3d}, "
+                         f"signature {int(c['signature'])}")
+    return "\n".join(lines)
+
+
+def main(args: list[str]) -> None:
+    """The table (and guard_benchmark.json) of the study folders given; with --checks first, every check's counts."""
+    folders = args[1:] if args[:1] == ["--checks"] else args
+    runs = [run for folder in folders for run in sorted((Path(folder) / "runs").iterdir())
             if (run / "eval-last.json").is_file()]
+    if args[:1] == ["--checks"]:
+        print(checks_text(runs))
+        return
+    rows = [run_row(run) for run in runs]
     Path("guard_benchmark.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
 
