@@ -7,6 +7,7 @@ best.pt, and let the other two run while its own checks see their robustness. Ne
 
 import json
 
+import pytest
 import torch
 
 from backsmooth.attacks import pgd
@@ -16,6 +17,8 @@ from backsmooth.data import load_dataset
 from backsmooth.evaluation.accuracy import correct_under_attack, fraction, stratified_subset, to_unit_float
 from backsmooth.training import train
 from backsmooth.training.guard import ALPHA
+
+pytestmark = pytest.mark.slow  # trains real models for minutes (README: the quick subset)
 
 SETTING = dict(dataset="mnist", arch="small_cnn", method="fgsm_rs", eps=0.3, batch_size=128, lr=0.05,
                schedule="constant", epochs=1, val_size=1000, val_pgd_steps=0, final_eval_examples=0,

@@ -23,7 +23,7 @@ from backsmooth import methods
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TORCHRUN = shutil.which("torchrun")
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+pytestmark = [pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH"), pytest.mark.slow]
 
 
 def env() -> dict[str, str]:

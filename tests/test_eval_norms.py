@@ -18,10 +18,18 @@ from backsmooth.evaluation.state import derived_seed
 pytest.importorskip("sklearn")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models run faster on one thread; the thread count is restored (later tests' float paths depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A small CNN trained naturally on the digits' training split, saved as `backsmooth train` saves models."""
-    torch.set_num_threads(1)
     train = load_dataset("digits", val_size=0).train
     x, y = train.images.float() / 255, train.labels
     torch.manual_seed(0)
@@ -64,7 +72,8 @@ def test_a_wrong_norm_or_eps_is_one_line_and_exit_2(saved_model, tmp_path, capsy
              ("--norm", "l2"): "give --eps for l2",
              ("--norm", "l2", "--eps", "-1"): "--eps must be a finite number >= 0",
              ("--norm", "l2", "--eps", "nan"): "is not a finite number",
-             ("--norm", "l1", "--eps", "100"): "eps must be in [0, 64] for l1"}
+             ("--norm", "l1", "--eps", "100"): "--eps must be at most 64 at l1 on digits",
+             ("--norm", "l2", "--eps", "0.5", "--step-size", "9"): "--step-size must be at most 8 at l2"}
     for flags, message in cases.items():
         code, out, err = _eval(capsys, str(saved_model), *flags, "--n-examples", "20", "--out", str(tmp_path))
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
@@ -88,6 +97,7 @@ def test_an_attack_for_linf_only_refuses_another_norm():
         spec.build(0.5, 0.1, "l2")
 
 
+@pytest.mark.slow
 def test_autoattack_l2_through_eval_equals_the_package_run_directly(saved_model, tmp_path, capsys):
     package = pytest.importorskip("pyautoattack")
     code, _, err = _eval(capsys, str(saved_model), "--norm", "l2", "--eps", "0.5", "--attacks", "autoattack-apgd",

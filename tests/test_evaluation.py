@@ -100,6 +100,7 @@ def test_attack_names_parse_to_documented_settings():
 # --------------------------------------------------------------------------- correctness
 
 
+@pytest.mark.slow
 def test_pgd_without_random_start_matches_torchattacks(model, digits):
     """Same model, data, eps, step and steps, deterministic: the same points survive (797 examples)."""
     torchattacks = pytest.importorskip("torchattacks")
@@ -113,6 +114,7 @@ def test_pgd_without_random_start_matches_torchattacks(model, digits):
     assert abs(ours.per_attack["pgd20-norand"] - theirs.float().mean().item()) <= 0.01
 
 
+@pytest.mark.slow
 def test_pgd_with_random_start_agrees_with_torchattacks(model, digits):
     """The two draw different noise, so agreement is statistical: within 1 point on all 1797 digits."""
     torchattacks = pytest.importorskip("torchattacks")
@@ -197,6 +199,7 @@ class Noisy(nn.Module):
         return self.net(F.dropout(x, 0.3, training=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(10))
 def test_healthy_model_is_not_flagged(model, digits, seed):
     """Random-start noise moves a few of 150 examples between PGD-20 and PGD-40; that is not evidence."""
@@ -361,6 +364,7 @@ def test_square_check_tests_its_count_against_autoattack_rate():
 # --------------------------------------------------------------------------- AutoAttack
 
 
+@pytest.mark.slow
 def test_autoattack_subset_runs_through_the_package(model, digits):
     pytest.importorskip("pyautoattack")
     x, y = held_out(digits, 24)
@@ -376,6 +380,7 @@ def test_autoattack_subset_runs_through_the_package(model, digits):
                        torch.zeros(24, dtype=torch.bool))
 
 
+@pytest.mark.slow
 def test_standard_autoattack_reports_every_component(model, digits):
     pytest.importorskip("pyautoattack")
     x, y = held_out(digits, 8)
@@ -419,6 +424,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_evaluation_resumes_to_the_same_result(model, digits, tmp_path):
     x, y = held_out(digits, 240)
     torch.save(model.state_dict(), tmp_path / "model.pt")

@@ -165,6 +165,7 @@ USER_MODULE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_method_and_architecture_from_a_user_module(tmp_path):
     (tmp_path / "user_code").mkdir()
     (tmp_path / "user_code" / "my_extensions.py").write_text(USER_MODULE)
@@ -255,6 +256,7 @@ def test_a_method_added_from_outside_passes_the_generic_checks(user_methods, che
     check("my_fgsm")
 
 
+@pytest.mark.slow
 def test_the_docs_example_applies_label_smoothing(user_methods, tmp_path):
     done = _train(user_methods, tmp_path / "run", "my_methods:MyFGSM", "--label-smoothing", "0.4")
     assert done.returncode == 0, done.stderr

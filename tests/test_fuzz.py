@@ -315,6 +315,7 @@ def test_bench_flags(pairs):
         check_invocation(argv, root, root / "out")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.one_of(values, st.just("RUN")), min_size=1, max_size=3), values)
 def test_report_arguments(trained_run, runs, out_name):
@@ -325,6 +326,7 @@ def test_report_arguments(trained_run, runs, out_name):
         check_invocation(argv, root, root / "out")
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(values, max_size=3))
 def test_top_level_and_presets(words):

@@ -11,6 +11,8 @@ from backsmooth.config import from_mapping
 from backsmooth.presets import preset
 from backsmooth.training import train
 
+pytestmark = pytest.mark.slow  # trains real models for minutes (README: the quick subset)
+
 pytest.importorskip("sklearn")
 
 

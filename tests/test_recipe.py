@@ -69,6 +69,7 @@ def _train_command(out: Path, cache: Path, *extra: str) -> list[str]:
             "--checkpoint-every", "3", "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_resume_with_averaging_is_bitwise(tmp_path):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cache = tmp_path / "cache"
@@ -202,6 +203,7 @@ def test_guard_ignores_a_dip_of_both_attacks_and_a_single_bad_check(monkeypatch)
     assert guard_decisions(monkeypatch, trace) == [None] * 5
 
 
+@pytest.mark.slow
 def test_guard_on_a_real_run_records_nothing_when_healthy(tmp_path):
     """Backward Smoothing on the digits with the guard every 5 steps: no event, and the guard's checks do
     not change training (the same weights as a run without the guard)."""
@@ -288,6 +290,7 @@ def test_rollback_stops_after_its_limit(tmp_path, monkeypatch):
                                     for k in range(1, MAX_ROLLBACKS + 1)])
 
 
+@pytest.mark.slow
 def test_resume_between_the_best_check_and_the_rollback_is_bitwise(tmp_path, monkeypatch):
     """Killed after the best check and resumed, the run rolls back to the checkpointed copy: the same weights."""
     pytest.importorskip("sklearn")

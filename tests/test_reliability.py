@@ -64,6 +64,7 @@ def _wait_for_new_checkpoint(out: Path, process: subprocess.Popen, after: float,
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference_run, tmp_path):
     """Kill -9 at a random moment after each new checkpoint (so every attempt makes progress), resume."""
     reference, cache = reference_run
@@ -91,6 +92,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(reference_ru
     assert_bitwise_equal(weights(out), weights(reference))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_75_and_resumes_identically(reference_run, tmp_path):
     reference, cache = reference_run
     out = tmp_path / "terminated"
@@ -113,6 +115,7 @@ def _files(folder: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_directory(reference_run, tmp_path):
     """A second --resume while the first trains is refused and touches nothing; after SIGKILL the lock is
     gone with the process, and the run resumes to the same weights as an uninterrupted one."""
@@ -138,6 +141,7 @@ def test_one_writer_per_run_directory(reference_run, tmp_path):
     assert_bitwise_equal(weights(out), weights(reference))
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_changes_nothing(reference_run, tmp_path):
     reference, cache = reference_run
     before = weights(reference)
@@ -146,6 +150,7 @@ def test_resume_of_a_finished_run_changes_nothing(reference_run, tmp_path):
     assert_bitwise_equal(weights(reference), before)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference_run, tmp_path):
     _, cache = reference_run
     out = tmp_path / "corrupt"

@@ -29,6 +29,7 @@ def test_bf16_loss_matches_fp32(name):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
 
 
+@pytest.mark.slow
 def test_fp16_with_gradient_scaler_trains_without_nonfinite_losses(tmp_path):
     # fp16 kernels are slow on CPU: the 8x8 digits keep this short
     pytest.importorskip("sklearn")

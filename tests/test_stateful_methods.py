@@ -39,6 +39,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", STATEFUL)
 def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
     cache = tmp_path / "cache"
@@ -61,6 +62,7 @@ def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_compute_the_state_of_one(tmp_path):
     """The same global batches split over two processes leave the state one process computes: FGSM-PGI's

@@ -50,6 +50,7 @@ def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return out, result
 
 
+@pytest.mark.slow
 def test_smoke_study_runs_end_to_end(smoke):
     out, result = smoke
     assert result.returncode == 0, result.stderr
@@ -86,6 +87,7 @@ def test_smoke_study_runs_end_to_end(smoke):
     assert (out / "spec.toml").read_text() == SMOKE.read_text()
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_study_trains_and_evaluates_nothing(smoke):
     out, first = smoke
     assert first.returncode == 0, first.stderr
@@ -96,6 +98,7 @@ def test_rerun_of_a_finished_study_trains_and_evaluates_nothing(smoke):
     assert snapshot(out / "runs") == runs_before
 
 
+@pytest.mark.slow
 def test_sigkill_mid_study_then_rerun_equals_uninterrupted(smoke, tmp_path):
     reference, first = smoke
     assert first.returncode == 0, first.stderr
@@ -131,6 +134,7 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(smoke, tmp_pat
     assert row["entry"] == "fgsm_rs" and row["seeds"] == [0]
 
 
+@pytest.mark.slow
 def test_the_run_report_shows_the_attack_the_study_ran(smoke):
     """report.md of a study that ran PGD-10 only: a PGD-10 column with each eval file's number, no PGD-20, CW or
     AutoAttack column; seed groups per attack; the clean-vs-robust plot shows PGD-10."""
@@ -331,6 +335,7 @@ def test_free_at_epochs_count_passes_over_the_data(tmp_path):
     assert run.config.epochs == 3  # ceil(10 / 4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_study_under_torchrun_trains_each_run_on_every_process(tmp_path):
     spec = tmp_path / "spec.toml"

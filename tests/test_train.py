@@ -52,6 +52,7 @@ def test_learning_rate_follows_the_schedule_per_iteration(tmp_path):
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
+@pytest.mark.slow
 def test_cli_demo_table_and_eval(tmp_path, capsys):
     out = tmp_path / "cli-run"
     code = cli.main(["train", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--val-pgd-steps", "1",
