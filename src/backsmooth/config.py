@@ -19,6 +19,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from backsmooth import methods, models, schedules
+from backsmooth.attacks.norms import norm_name
 from backsmooth.data import dataset_kind, dataset_names
 from backsmooth.errors import ConfigError
 
@@ -47,7 +48,10 @@ class RunConfig:
     arch: str = _field("small_cnn", "architecture name, or MODULE:FUNCTION for your own model factory")
     # method: the run's radius; the method's own options go to method_options (flat keys in files and flags)
     method: str = _field("backward_smoothing", "training method name, or MODULE:CLASS for your own method")
-    eps: float = _field(8 / 255, "L-inf radius in [0, 1] pixel units; fractions like 8/255 are accepted")
+    eps: float = _field(8 / 255, "radius of the threat model in [0, 1] pixel units (8/255 at linf, 0.5 at l2); "
+                                 "fractions like 8/255 are accepted")
+    norm: str = _field("linf", "threat model of training, validation and the guard: linf or l2 (RobustBench's Linf "
+                               "and L2 too); l2 for the methods with an L2 form (docs/algorithms.md)")
     method_options: dict[str, Any] = _field({}, "the method's hyperparameters (each is also a flag)")
     # optimisation
     epochs: int = _field(10, "passes over the training set")
@@ -94,6 +98,8 @@ class RunConfig:
         accepted = methods.method_class(self.method).hyperparameter_names()
         if "eps" in accepted:
             chosen["eps"] = self.eps
+        if self.norm != "linf" and "norm" in accepted:
+            chosen["norm"] = self.norm
         if self.label_smoothing and "label_smoothing" in accepted:
             chosen["label_smoothing"] = self.label_smoothing
         return chosen
@@ -191,7 +197,10 @@ def validate(config: RunConfig) -> RunConfig:
     kind = dataset_kind(c.dataset)
     models.factory(c.arch)
     cls = methods.method_class(c.method)
-    _check(0 < c.eps <= 1, f"eps must be in (0, 1] in pixel units (8/255 = 0.0314), got {c.eps}")
+    c = dataclasses.replace(c, norm=norm_name(c.norm))
+    _check(0 < c.eps <= 1 if c.norm == "linf" else 0 < c.eps < math.inf,
+           f"eps must be in (0, 1] in pixel units (8/255 = 0.0314), got {c.eps}" if c.norm == "linf"
+           else f"eps must be a finite number > 0 at {c.norm} (e.g. 0.5), got {c.eps}")
     _check(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
     _check(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
     _check(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")

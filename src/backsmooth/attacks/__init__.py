@@ -40,9 +40,9 @@ def pgd(eps: float, step_size: float, steps: int, random_start: bool = True, nor
     return Perturbation(ce_loss, ball_init(norm) if random_start else zero_init, eps, step_size, steps, norm=norm)
 
 
-def fgsm(eps: float) -> Perturbation:
-    """One signed-gradient step of size eps from the clean input."""
-    return Perturbation(ce_loss, zero_init, eps, eps, 1)
+def fgsm(eps: float, norm: str = "linf") -> Perturbation:
+    """One step of size eps from the clean input along the norm's steepest ascent (the signed gradient at L-inf)."""
+    return Perturbation(ce_loss, zero_init, eps, eps, 1, norm=norm)
 
 
 __all__ = [

@@ -176,11 +176,14 @@ def ball_init(norm: str) -> Initializer:
     return init
 
 
-def uniform_noise_init(radius: float) -> Initializer:
-    """x + U(-radius, radius), projected (N-FGSM's noise of 2 eps inside a larger ball)."""
+def uniform_noise_init(radius: float, norm: str = "linf") -> Initializer:
+    """A point uniform in the norm's ball of `radius` (x + U(-radius, radius) at L-inf), projected (N-FGSM's noise of
+    2 eps inside a larger ball)."""
 
     def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
              generator: torch.Generator | None) -> Tensor:
+        if norm != "linf":
+            return project(uniform_in_ball(x, radius, norm, generator), x, eps, norm)
         return project(x + (2 * _rand(x, generator) - 1) * radius, x, eps)
 
     return init
@@ -196,12 +199,12 @@ def bernoulli_init(radius: float) -> Initializer:
     return init
 
 
-def gaussian_init(std: float) -> Initializer:
-    """x + std * N(0, I), projected (TRADES' start, with std = 0.001)."""
+def gaussian_init(std: float, norm: str = "linf") -> Initializer:
+    """x + std * N(0, I), projected onto the norm's ball (TRADES' start, with std = 0.001, at L-inf and L2)."""
 
     def init(model: nn.Module, x: Tensor, target: Tensor, eps: float,
              generator: torch.Generator | None) -> Tensor:
-        return project(x + std * _rand(x, generator, normal=True), x, eps)
+        return project(x + std * _rand(x, generator, normal=True), x, eps, norm)
 
     return init
 

@@ -3,6 +3,7 @@
 import argparse
 
 from backsmooth.atomic import atomic_write_json
+from backsmooth.attacks import norm_name
 from backsmooth.config import PRECISIONS, parse_number
 from backsmooth.errors import ConfigError
 from backsmooth.runtime import Runtime, resolve_device
@@ -18,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--image-size", type=int, default=32, help="height and width of the random images (default: %(default)s)")
     add("--channels", type=int, default=3, help="image channels (default: %(default)s)")
     add("--num-classes", type=int, default=10, help="classes of the model's output (default: %(default)s)")
-    add("--eps", default="8/255", help="L-inf radius of the methods' attacks (default: %(default)s)")
+    add("--norm", default="linf", help="threat model of the methods' attacks: linf or l2; at l2 only the methods "
+                                       "with an L2 form run (default: %(default)s)")
+    add("--eps", default="8/255", help="radius of the methods' attacks, e.g. 0.5 at l2 (default: %(default)s)")
     add("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: %(default)s)")
     add("--precision", default="fp32", choices=PRECISIONS, help="training precision (default: %(default)s)")
     add("--channels-last", action="store_true", help="channels-last memory format (default: off)")
@@ -41,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
     setup = BenchSetup(args.arch, args.batch_size, (args.channels, args.image_size, args.image_size),
                        args.num_classes, parse_number(args.eps, "--eps"), args.compile, args.warmup, args.repeats,
-                       args.steps, args.epoch_images)
+                       args.steps, args.epoch_images, norm=norm_name(args.norm))
     runtime = Runtime(resolve_device(args.device), args.precision, args.channels_last)
     result = run_benchmark(setup, names, runtime)
     print(bench_table(result))

@@ -69,10 +69,10 @@ def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
 
 
 def sharded_accuracy(model: nn.Module, images: Tensor, labels: Tensor, eps: float, pgd_steps: int, runtime: Runtime,
-                     *, batch_size: int, seed: int) -> tuple[float, float]:
+                     *, batch_size: int, seed: int, norm: str = "linf") -> tuple[float, float]:
     """Clean and PGD-`pgd_steps` accuracy (step eps/4 as in `backsmooth eval`, random start, seeded by `seed`
-    and rank) of `model`, each rank attacking its shard of the images; NaN for an empty set (robust: also when
-    pgd_steps is 0)."""
+    and rank, in the `norm` ball) of `model`, each rank attacking its shard of the images; NaN for an empty set
+    (robust: also when pgd_steps is 0)."""
     proc, device = runtime.proc, runtime.device
     shard = slice(proc.rank, None, proc.world_size)
     images, labels = images[shard], labels[shard]
@@ -80,7 +80,7 @@ def sharded_accuracy(model: nn.Module, images: Tensor, labels: Tensor, eps: floa
     robust = clean
     if pgd_steps:
         generator = torch.Generator(device).manual_seed(seed + proc.rank)
-        attack = pgd(eps, eps / 4, pgd_steps, random_start=True)
+        attack = pgd(eps, eps / 4, pgd_steps, random_start=True, norm=norm)
         robust = clean & correct_under_attack(model, images, labels, attack, generator=generator,
                                               batch_size=batch_size, precision=runtime.precision)
     counts = torch.tensor([clean.sum().item(), robust.sum().item(), len(labels)], dtype=torch.float64, device=device)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from backsmooth.atomic import atomic_write_json
 from backsmooth.attacks import parse_attacks
-from backsmooth.attacks.norms import RadiusWarning, norm_name, radius_warning
+from backsmooth.attacks.norms import RadiusWarning, max_radius, norm_name, radius_warning
 from backsmooth.checkpoint import load_model
 from backsmooth.data import load_dataset
 from backsmooth.errors import ConfigError, DataError, Interrupted
@@ -78,8 +78,8 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
         raise ConfigError(f"--n-examples must be positive, got {n_examples}")
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
-    if step_size is not None and not 0 < step_size:
-        raise ConfigError(f"--step-size must be positive, in pixel units (e.g. 2/255), got {step_size}")
+    if step_size is not None and not 0 < step_size < float("inf"):
+        raise ConfigError(f"--step-size must be a finite number > 0 in pixel units (e.g. 2/255), got {step_size}")
     if eps is not None and not (0 <= eps < float("inf")):
         raise ConfigError(f"--eps must be a finite number >= 0 in pixel units (e.g. 8/255), got {eps}")
     if name is not None:
@@ -98,12 +98,17 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
         raise ConfigError(f"the model was trained at {trained_norm} eps {meta['eps']:g}; give --eps for {norm} "
                           f"(e.g. --norm l2 --eps 0.5)")
     eps = eps if eps is not None else float(meta["eps"])
-    warning = radius_warning(eps, norm)
-    if warning:
-        log(f"warning: {warning}")
     test = load_dataset(dataset, data_dir or run_config.get("data_dir"), val_size=0,
                         cache_dir=run_config.get("cache_dir")).test
     _check_fits(test.images, test.labels, meta, dataset)
+    largest = max_radius(norm, test.images[0].numel())
+    for flag, value in (("--eps", eps), ("--step-size", step_size)):
+        if value is not None and value > largest:
+            raise ConfigError(f"{flag} must be at most {largest:g} at {norm} on {dataset} (pixel units; the box's "
+                              f"diameter), got {value:g}")
+    warning = radius_warning(eps, norm)
+    if warning:
+        log(f"warning: {warning}")
     index = stratified_subset(test.labels, n_examples, seed)
     name = name or (target.name if target.is_dir() else target.stem)
     folder = Path(out) if out else run_dir

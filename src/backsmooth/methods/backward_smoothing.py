@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backsmooth.attacks import Perturbation, attack_mode, kl_loss, project
+from backsmooth.attacks import Perturbation, attack_mode, kl_loss, project, steepest_direction
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record, trades_loss
 from backsmooth.methods.registry import register
 
 
 def backward_smoothing_start(model: nn.Module, x: Tensor, gamma: float, alpha: float, eps: float,
-                             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(x0, log s(z)): the backward-smoothing start and the clean target, from one input-gradient pass."""
+                             generator: torch.Generator | None, norm: str = "linf") -> tuple[Tensor, Tensor]:
+    """(x0, log s(z)): the backward-smoothing start and the clean target, from one input-gradient pass; the
+    backward step descends along the norm's steepest direction (sign at L-inf)."""
     with attack_mode(model) as net, torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = net(x_in).float()
@@ -28,7 +29,7 @@ def backward_smoothing_start(model: nn.Module, x: Tensor, gamma: float, alpha: f
         xi = 2 * torch.rand(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype) - 1
         noisy_target = F.log_softmax(clean + gamma * xi, dim=1)
         (grad,) = torch.autograd.grad(kl_loss(logits, noisy_target).sum(), x_in)
-    x0 = project(x.detach() - alpha * grad.sign(), x.detach(), eps)
+    x0 = project(x.detach() - alpha * steepest_direction(grad, norm), x.detach(), eps, norm)
     return x0, F.log_softmax(clean, dim=1)
 
 
@@ -38,6 +39,7 @@ class BackwardSmoothing(TrainingMethod):
     name = "backward_smoothing"
     summary = "the paper's method: TRADES robustness at about 0.4 of TRADES-10's cost; start here"
     single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     steps: int = hyperparameter(1, "attack steps K")
@@ -55,8 +57,8 @@ class BackwardSmoothing(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        x0, clean_log_probs = backward_smoothing_start(model, x, self.gamma, self.alpha, self.eps, generator)
-        attack = Perturbation(kl_loss, lambda *_: x0, self.eps, self.alpha, self.steps)
+        x0, clean_log_probs = backward_smoothing_start(model, x, self.gamma, self.alpha, self.eps, generator, self.norm)
+        attack = Perturbation(kl_loss, lambda *_: x0, self.eps, self.alpha, self.steps, norm=self.norm)
         x_adv, start_kl = attack(model, x, clean_log_probs, generator)
         record(stats, attack_start_kl=start_kl)
         return trades_loss(self, model, x, x_adv, y, self.beta, stats)

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backsmooth.attacks import Initializer, Perturbation, kl_loss, predict_eval
+from backsmooth.attacks import Initializer, Perturbation, kl_loss, norm_name, predict_eval
 from backsmooth.errors import ConfigError
 
 Stats = dict[str, Tensor]
-RUN_LEVEL = ("eps", "label_smoothing")  # dataclass fields set by the run (--eps, --label-smoothing)
+RUN_LEVEL = ("eps", "label_smoothing", "norm")  # dataclass fields set by the run (--eps, --label-smoothing, --norm)
 
 
 def hyperparameter(default: Any, help: str) -> Any:
@@ -95,9 +95,12 @@ class TrainingMethod:
     small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
     # False: the method sets its own training targets (FGSM-PGI's soft labels) and refuses --label-smoothing > 0
     label_smoothing_applies: ClassVar[bool] = True
+    # the threat models the method is defined for (its authors' forms; docs/algorithms.md#threat-models)
+    norms: ClassVar[tuple[str, ...]] = ("linf",)
     state: dict[str, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     # the run's label smoothing, on the cross-entropy term of the training loss (not inside attacks)
     label_smoothing: float = 0.0
+    norm: str = "linf"  # the run's threat model: the norm of every attack step, start and projection
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap the subclass's own `__call__` and `__post_init__` in the label-smoothing checks."""
@@ -108,8 +111,9 @@ class TrainingMethod:
             cls.__post_init__ = _check_label_smoothing_first(cls.__dict__["__post_init__"])
 
     def __post_init__(self) -> None:
-        """Refuse label smoothing where it does not apply (a subclass's own `__post_init__` gets this check first)."""
-        self._check_label_smoothing_applies()
+        """Refuse label smoothing where it does not apply and a norm the method has no form for (a subclass's own
+        `__post_init__` gets these checks first)."""
+        self._check_run_level()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
@@ -178,14 +182,21 @@ class TrainingMethod:
         """Resolve an unset `alpha` to default_multiple x eps (so --eps alone gives the authors' step), then check."""
         if self.alpha is None:
             self._set("alpha", default_multiple * self.eps)
-        self._check(0 < self.eps <= 1, "eps", "in (0, 1] (pixel units: 8/255 = 0.0314)")
+        if self.norm == "linf":
+            self._check(0 < self.eps <= 1, "eps", "in (0, 1] (pixel units: 8/255 = 0.0314)")
+        self._check(0 < self.eps < float("inf"), "eps", "a finite number > 0")
         self._check(self.alpha > 0, "alpha", "> 0")
 
     def _check_steps(self) -> None:
         self._check(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
 
-    def _check_label_smoothing_applies(self) -> None:
-        """Refuse --label-smoothing > 0 for a method that declares it would not use it."""
+    def _check_run_level(self) -> None:
+        """Refuse a norm the method has no form for, and --label-smoothing > 0 for a method that declares it would
+        not use it."""
+        self._set("norm", norm_name(self.norm))
+        if self.norm not in self.norms:
+            raise ConfigError(f"{self.name} is defined for {' and '.join(self.norms)} only, not {self.norm} (its "
+                              f"authors give no {self.norm} form); choose a method that takes --norm {self.norm}")
         if self.label_smoothing and not self.label_smoothing_applies:
             raise ConfigError(f"{self.name} sets its own training targets (label_smoothing_applies = False), so "
                               f"--label-smoothing {self.label_smoothing:g} would be ignored; set --label-smoothing 0")
@@ -215,7 +226,7 @@ def _check_label_smoothing_first(post_init: Callable[[Any], None]) -> Callable[[
 
     @functools.wraps(post_init)
     def checked(self: TrainingMethod) -> None:
-        self._check_label_smoothing_applies()
+        self._check_run_level()
         post_init(self)
 
     return checked
@@ -261,7 +272,7 @@ def trades_step(method: TrainingMethod, model: nn.Module, x: Tensor, y: Tensor, 
                 stats: Stats | None) -> Tensor:
     """One no-grad clean forward, K KL ascent steps from `init`, then the TRADES loss."""
     clean_log_probs = F.log_softmax(predict_eval(model, x).float(), dim=1)
-    attack = Perturbation(kl_loss, init, eps, alpha, steps)
+    attack = Perturbation(kl_loss, init, eps, alpha, steps, norm=method.norm)
     x_adv, start_kl = attack(model, x, clean_log_probs, generator)
     record(stats, attack_start_kl=start_kl)
     return trades_loss(method, model, x, x_adv, y, beta, stats)

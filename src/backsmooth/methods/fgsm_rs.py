@@ -17,6 +17,7 @@ class FGSMRS(TrainingMethod):
     paper_settings = {"schedule": "cyclic", "lr": 0.1}  # Fast AT: cyclic, peaking at 0.2
     paper_arch = "preact_resnet18"
     summary = "Fast AT: single-step FGSM from a random start; cheapest robust method, can collapse"
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
 
@@ -28,6 +29,6 @@ class FGSMRS(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        x_adv, start_loss = pgd(self.eps, self.alpha, 1, random_start=True)(model, x, y, generator)
+        x_adv, start_loss = pgd(self.eps, self.alpha, 1, random_start=True, norm=self.norm)(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
         return ce_training_loss(self, model, x_adv, y, stats)

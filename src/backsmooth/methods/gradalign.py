@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backsmooth.attacks import pgd, uniform_init
+from backsmooth.attacks import ball_init, pgd
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, ce_training_loss, hyperparameter, record
 from backsmooth.methods.registry import register
 
@@ -31,6 +31,7 @@ class GradAlign(TrainingMethod):
     double_backprop = True
     paper_arch = "preact_resnet18"
     summary = "FGSM + gradient-alignment regulariser; prevents catastrophic overfitting at ~3x FGSM's cost"
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     grad_align_lambda: float = hyperparameter(0.2, "weight of the GradAlign regulariser")
@@ -45,10 +46,11 @@ class GradAlign(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        x_adv, _ = pgd(self.eps, self.alpha, 1, random_start=self.random_start)(model, x, y, generator)
+        x_adv, _ = pgd(self.eps, self.alpha, 1, random_start=self.random_start, norm=self.norm)(model, x, y,
+                                                                                                  generator)
         loss = ce_training_loss(self, model, x_adv, y, stats)
         grad_clean = _input_gradient(model, x, y)
-        grad_noisy = _input_gradient(model, uniform_init(model, x, y, self.eps, generator), y)
+        grad_noisy = _input_gradient(model, ball_init(self.norm)(model, x, y, self.eps, generator), y)
         cosine = F.cosine_similarity(grad_clean.flatten(1), grad_noisy.flatten(1), dim=1, eps=1e-12)
         regulariser = self.grad_align_lambda * (1.0 - cosine.mean())
         record(stats, grad_cosine=cosine)

@@ -15,6 +15,7 @@ class Natural(TrainingMethod):
     name = "natural"
     summary = "plain cross-entropy; no robustness, the speed and clean-accuracy baseline"
     adversarial = False
+    norms = ("linf", "l2", "l1")  # no attack: any threat model (the run's validation and guard use it)
 
     def floor_units(self) -> int:
         return 3  # one training forward and backward

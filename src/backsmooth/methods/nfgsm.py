@@ -21,6 +21,7 @@ class NFGSM(TrainingMethod):
     paper_settings = {"epochs": 30, "lr": 0.2, "schedule": "piecewise:0=0,0.5=1,1=0"}  # a triangle, per iteration
     paper_arch = "preact_resnet18"
     summary = "N-FGSM: FGSM from a 2-eps noisy point without clipping to the eps-ball; FGSM's cost, no collapse"
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     noise: float = hyperparameter(2.0, "N-FGSM: noise radius as a multiple of eps (the authors' k)")
@@ -40,7 +41,8 @@ class NFGSM(TrainingMethod):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         # the ball of radius noise + step never binds: only the [0, 1] box clips, as in the authors' code
-        attack = Perturbation(ce_loss, uniform_noise_init(self.noise * self.eps), self.radius, self.alpha, 1)
+        attack = Perturbation(ce_loss, uniform_noise_init(self.noise * self.eps, self.norm), self.radius, self.alpha, 1,
+                              norm=self.norm)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
         return ce_training_loss(self, model, x_adv, y, stats)

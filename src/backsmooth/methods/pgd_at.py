@@ -16,11 +16,14 @@ class PGDAT(TrainingMethod):
     name = "pgd_at"
     summary = "Madry's PGD-K adversarial training; strong but about 2K + 3 passes per step"
     single_step_attack = False  # multi-step (the collapse guard logs, does not decide)
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
-    alpha: float = hyperparameter(2 / 255, "attack step size (default: the method's own)")
+    alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     steps: int = hyperparameter(10, "attack steps K")
 
     def __post_init__(self) -> None:
+        if self.alpha is None:  # Madry's 2/255 at L-inf; eps / 4 at L2, as the L2 references use
+            self._set("alpha", 2 / 255 if self.norm == "linf" else self.eps / 4)
         self._check_eps_alpha()
         self._check_steps()
 
@@ -29,7 +32,7 @@ class PGDAT(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        attack = pgd(self.eps, self.alpha, self.steps, random_start=True)
+        attack = pgd(self.eps, self.alpha, self.steps, random_start=True, norm=self.norm)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
         return ce_training_loss(self, model, x_adv, y, stats)

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from backsmooth.attacks import gaussian_init, uniform_init
+from backsmooth.attacks import ball_init, gaussian_init
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, trades_step
 from backsmooth.methods.registry import register
 
@@ -20,12 +20,15 @@ class TRADES(TrainingMethod):
     name = "trades"
     summary = "TRADES-K: the accuracy/robustness trade-off loss with a K-step KL attack; the quality reference"
     single_step_attack = False  # KL steps (the collapse guard logs, does not decide)
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
-    alpha: float = hyperparameter(0.007, "attack step size (default: the method's own)")
+    alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     steps: int = hyperparameter(10, "attack steps K")
     beta: float = hyperparameter(6.0, "weight of the KL term")
 
     def __post_init__(self) -> None:
+        if self.alpha is None:  # the authors' 0.007 at L-inf; at L2 their optimiser's step of 2 eps / K
+            self._set("alpha", 0.007 if self.norm == "linf" else 2 * self.eps / self.steps)
         self._check_eps_alpha()
         self._check_steps()
         self._check(self.beta >= 0, "beta", ">= 0")
@@ -35,8 +38,8 @@ class TRADES(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(self, model, x, y, gaussian_init(0.001), self.eps, self.alpha, self.steps, self.beta,
-                           generator, stats)
+        return trades_step(self, model, x, y, gaussian_init(0.001, self.norm), self.eps, self.alpha, self.steps,
+                           self.beta, generator, stats)
 
 
 @register
@@ -45,6 +48,7 @@ class FastTRADES(TrainingMethod):
     name = "fast_trades"
     summary = "TRADES with one KL step from a uniform random start; fast, less stable than Backward Smoothing"
     single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
+    norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
     alpha: float | None = hyperparameter(None, "attack step size (default: the method's own)")
     beta: float = hyperparameter(6.0, "weight of the KL term")
@@ -58,4 +62,5 @@ class FastTRADES(TrainingMethod):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(self, model, x, y, uniform_init, self.eps, self.alpha, 1, self.beta, generator, stats)
+        return trades_step(self, model, x, y, ball_init(self.norm), self.eps, self.alpha, 1, self.beta, generator,
+                           stats)

@@ -25,6 +25,7 @@ from backsmooth.methods.base import Stats, StepContext, TrainingMethod
 from backsmooth.runtime import Runtime, resolve_device, synchronize
 from backsmooth.training.setup import Parts
 from backsmooth.training.step import training_step
+from backsmooth.units import threat_model_text
 
 REFERENCE = "trades_reference"  # the benchmark-only row below
 
@@ -36,6 +37,7 @@ class TRADESReference(TRADES):
 
     name = REFERENCE
     summary = "benchmark only: TRADES-10 as the reference code computes it (about 40F)"
+    norms = ("linf",)  # its sign steps and clamps are L-inf's
 
     def floor_units(self) -> int:
         return 39  # 10 x (2 forwards + an input backward) + 3 forwards + their backward: "about 40F"
@@ -99,11 +101,17 @@ def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor)
     return counts
 
 
-def _method(name: str, eps: float) -> TrainingMethod:
+def _method(name: str, eps: float, norm: str = "linf") -> TrainingMethod:
     if name == REFERENCE:
-        return TRADESReference(eps=eps)
+        return TRADESReference(eps=eps, norm=norm)
     takes_eps = "eps" in methods.method_class(name).hyperparameter_names()
-    return methods.build(name, **({"eps": eps} if takes_eps else {}))
+    return methods.build(name, norm=norm, **({"eps": eps} if takes_eps else {}))
+
+
+def default_names(norm: str) -> tuple[str, ...]:
+    """Every method defined for `norm`, plus the reference TRADES-10 at L-inf."""
+    chosen = tuple(n for n in methods.names() if norm in methods.method_class(n).norms)
+    return chosen + ((REFERENCE,) if norm in TRADESReference.norms else ())
 
 
 def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, runtime: Runtime, warmup: int,
@@ -168,6 +176,7 @@ class BenchSetup:
     steps: int = 3  # steps per timed repetition
     epoch_images: int = 50_000  # images of the data-pipeline epoch (0: skip it)
     seed: int = 0
+    norm: str = "linf"  # the threat model the methods attack in
 
 
 def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...] = (),
@@ -177,8 +186,8 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
     runtime = runtime or Runtime(resolve_device("cpu"))
     dev, precision, channels_last = runtime.device, runtime.precision, runtime.channels_last
     batch_size, image_shape, num_classes = setup.batch_size, setup.image_shape, setup.num_classes
-    names = method_names or (*methods.names(), REFERENCE)
-    built = {name: _method(name, setup.eps) for name in names}  # unknown names fail here, before any timing
+    names = method_names or default_names(setup.norm)
+    built = {name: _method(name, setup.eps, setup.norm) for name in names}  # unknown names fail here, before any timing
     generator = torch.Generator().manual_seed(setup.seed)
     x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
@@ -208,7 +217,8 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
                 row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
     result: dict[str, Any] = {
         "arch": setup.arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
-        "eps": setup.eps, "device": str(dev), "device_name": _device_name(dev), "precision": precision,
+        "eps": setup.eps, "norm": setup.norm, "device": str(dev), "device_name": _device_name(dev),
+        "precision": precision,
         "channels_last": channels_last, "compile": setup.compile, "warmup": setup.warmup, "repeats": setup.repeats,
         "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
     }
@@ -236,7 +246,8 @@ def _device_name(device: torch.device) -> str:
 
 def bench_table(result: dict[str, Any]) -> str:
     lines = [f"{result['arch']}, batch {result['batch_size']}, {'x'.join(map(str, result['image_shape']))}, "
-             f"{result['device_name']}, {result['precision']}"
+             f"{threat_model_text(result.get('norm', 'linf'), result['eps'])}, {result['device_name']}, "
+             f"{result['precision']}"
              f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}",
              f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x FGSM-RS':>9} {'x TRADES-10':>11} "
              f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9}"]

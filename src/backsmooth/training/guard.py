@@ -112,10 +112,11 @@ class CollapseGuard:
     """Checks a fixed validation batch every `every` steps; see the module docstring."""
 
     def __init__(self, images: Tensor, labels: Tensor, eps: float, every: int, keep: float,
-                 state: GuardState, start_step: int = 0, after_collapse: bool = False, decides: bool = True) -> None:
+                 state: GuardState, start_step: int = 0, after_collapse: bool = False, decides: bool = True,
+                 norm: str = "linf") -> None:
         self.images, self.labels = images[:GUARD_EXAMPLES], labels[:GUARD_EXAMPLES]
-        self.single_step = fgsm(eps)
-        self.multi_step = pgd(eps, eps / 4, GUARD_STEPS, random_start=True)
+        self.single_step = fgsm(eps, norm)
+        self.multi_step = pgd(eps, eps / 4, GUARD_STEPS, random_start=True, norm=norm)
         self.every, self.keep, self.state, self.start_step = every, keep, state, start_step
         self.after_collapse = after_collapse  # keep checking (and logging) after the event (--on-collapse warn)
         self.decides = decides  # False for methods whose own attack is not a single CE step: log, record nothing

@@ -91,7 +91,7 @@ class Trainer:
                                      config.collapse_fraction, self.state.guard,
                                      start_step=max(steps // GUARD_START, 1),
                                      after_collapse=config.on_collapse == "warn",
-                                     decides=self.parts.method.single_step_attack)
+                                     decides=self.parts.method.single_step_attack, norm=config.norm)
         if self.state.global_step == 0:
             self._time_guard(lambda: self.guard.reference_check(self.parts.net))
 
@@ -310,7 +310,7 @@ class Trainer:
         config, data = self.config, self.data
         return dict(arch=config.arch, num_classes=data.num_classes, in_channels=data.image_shape[0],
                     image_shape=list(data.image_shape), dataset=config.dataset, method=config.method,
-                    eps=config.eps, epoch=epoch)
+                    eps=config.eps, norm=config.norm, epoch=epoch)
 
     def _mean(self, key: str) -> float:
         sums = self.state.epoch_sums
@@ -328,7 +328,7 @@ class Trainer:
     def _accuracy(self, images: Tensor, labels: Tensor, pgd_steps: int) -> tuple[float, float]:
         """Clean and PGD-`pgd_steps` accuracy (step eps/4, random start, fixed seed), sharded over ranks."""
         return sharded_accuracy(self.parts.eval_net, images, labels, self.config.eps, pgd_steps, self.runtime,
-                                batch_size=self.config.eval_batch_size, seed=self.config.seed)
+                                batch_size=self.config.eval_batch_size, seed=self.config.seed, norm=self.config.norm)
 
     def _finish(self) -> dict[str, Any]:
         """Clean and PGD-20 accuracy of the last and best models on a stratified test subset; summary.json."""
@@ -338,6 +338,7 @@ class Trainer:
         images, labels = test.images[index], test.labels[index]
         results: dict[str, Any] = {"run_dir": str(self.run_dir.path), "method": config.method, "arch": config.arch,
                                    "dataset": config.dataset, "data_note": self.data.note, "eps": config.eps,
+                                   "norm": config.norm,
                                    "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
                                    "guard_seconds": guard_state.seconds,
