@@ -37,13 +37,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 EPS = 0.1  # digits pixels are coarse (17 grey levels); at 0.1 a naturally trained CNN is half broken
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
