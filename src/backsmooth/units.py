@@ -7,7 +7,7 @@ def eps_text(eps: float) -> str:
     return f"{round(k)}/255" if round(k) > 0 and abs(k - round(k)) < 1e-6 else f"{eps:g}"
 
 
-NORM_TEXT = {"linf": "Linf", "l2": "L2", "l1": "L1"}  # RobustBench's spelling of each threat model's norm
+NORM_TEXT = {"linf": "Linf", "l2": "L2", "l1": "L1"}  # our norm names -> AutoAttack's and RobustBench's
 
 
 def threat_model_text(norm: str, eps: float) -> str:

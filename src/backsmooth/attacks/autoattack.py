@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from backsmooth.attacks.engine import attack_mode, predict_eval
 from backsmooth.attacks.norms import NORMS, lp_norms
-from backsmooth.attacks.registry import RUNS_ON, AttackSpec, register
+from backsmooth.attacks.registry import AttackSpec, register
 from backsmooth.errors import BacksmoothError
+from backsmooth.units import NORM_TEXT
 
 PACKAGES = ("pyautoattack", "autoattack")
 """Import names tried in order: the maintained PyPI package, then the original repository's."""
@@ -91,7 +92,7 @@ def run_component(model: nn.Module, component: str, x: Tensor, y: Tensor, eps: f
         raise ValueError(f"unknown AutoAttack component {component!r}; expected one of {STANDARD}")
     package = autoattack_module()
     constructor = inspect.signature(package.AutoAttack).parameters
-    options: dict[str, Any] = dict(norm=RUNS_ON[norm], eps=eps, version="standard", seed=seed, device=x.device)
+    options: dict[str, Any] = dict(norm=NORM_TEXT[norm], eps=eps, version="standard", seed=seed, device=x.device)
     if "verbose" in constructor:  # the original package prints unless told otherwise
         options["verbose"] = False
     devices = [x.device] if x.device.type == "cuda" else []

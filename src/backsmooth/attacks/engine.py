@@ -8,9 +8,9 @@ previous state is restored afterwards.
 The threat model is a norm and a radius (attacks/norms.py: L-inf, L2, L1). The step rule turns each input
 gradient into the direction of the step, and may carry state from
 one step to the next within a call: `rule.init(x)` gives the first state, `rule.step(grad, state)`
-the direction and the next state. The default `SignStep` is sign(grad), the L-inf steepest ascent
-of PGD and FGSM; `Momentum` is MI-FGSM's accumulated gradient. Momentum or Adam-style attacks are
-then a `Perturbation` with another rule, not another loop.
+the direction and the next state. The default is the norm's steepest ascent (`SteepestStep`:
+sign(grad) at L-inf, which `SignStep` also gives, for PGD and FGSM); `Momentum` is MI-FGSM's
+accumulated gradient. Momentum or Adam-style attacks are then a `Perturbation` with another rule, not another loop.
 """
 
 from collections.abc import Callable, Iterator

@@ -17,12 +17,12 @@ from typing import Any
 from backsmooth.attacks.engine import Perturbation, ball_init, ce_loss, cw_margin_loss, zero_init
 from backsmooth.attacks.norms import NORMS
 from backsmooth.errors import ConfigError
+from backsmooth.units import NORM_TEXT
 
 CW_KAPPA = 50.0
 Builder = Callable[..., Callable[..., Any]]
 """(spec, eps, step size) -> attack(model, x, y, generator) returning x_adv or an object with .x_adv; a family
 whose `norms` name more than L-inf is also given the keyword `norm` ("l2", "l1") for the other threat models."""
-RUNS_ON = {"linf": "Linf", "l2": "L2", "l1": "L1"}  # our norm names -> AutoAttack's and RobustBench's
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class AttackSpec:
     def settings(self, eps: float, step_size: float, norm: str = "linf") -> dict[str, Any]:
         """Every setting of this attack, for the JSON report."""
         if self.runs_in_package:
-            return dict(kind=self.kind, eps=eps, norm=RUNS_ON[norm], components=list(self.components))
-        return dict(kind=self.kind, eps=eps, norm=RUNS_ON[norm], loss=self.loss, steps=self.steps,
+            return dict(kind=self.kind, eps=eps, norm=NORM_TEXT[norm], components=list(self.components))
+        return dict(kind=self.kind, eps=eps, norm=NORM_TEXT[norm], loss=self.loss, steps=self.steps,
                     step_size=eps if self.single_step else step_size, random_start=self.random_start,
                     restarts=self.restarts)
 

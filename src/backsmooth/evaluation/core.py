@@ -22,7 +22,6 @@ from backsmooth.attacks import (
     project,
 )
 from backsmooth.attacks.norms import RadiusWarning, check_radius, max_radius, norm_name, radius_warning
-from backsmooth.attacks.registry import RUNS_ON
 from backsmooth.errors import ConfigError
 from backsmooth.evaluation.accuracy import fraction, worst_case
 from backsmooth.evaluation.checks import (
@@ -34,7 +33,7 @@ from backsmooth.evaluation.checks import (
     result_checks,
 )
 from backsmooth.evaluation.state import BatchFn, EvaluationState, derived_seed
-from backsmooth.units import eps_text, threat_model_text
+from backsmooth.units import NORM_TEXT, eps_text, threat_model_text
 
 PROBE_EXAMPLES = 100  # examples used by the cheap model checks
 EPS0_EXAMPLES = 256  # examples attacked at eps = 0
@@ -220,7 +219,7 @@ def model_info(result: EvalResult | Mapping[str, Any], name: str, architecture: 
     if not isinstance(result, EvalResult):
         result = EvalResult.from_json(result)
     info: dict[str, Any] = dict(name=name, architecture=architecture, dataset=dataset, eps=eps_text(result.eps),
-                                threat_model=RUNS_ON[result.norm], clean_acc=f"{100 * result.clean_acc:.2f}")
+                                threat_model=NORM_TEXT[result.norm], clean_acc=f"{100 * result.clean_acc:.2f}")
     if "autoattack" in result.per_attack:
         info["autoattack_acc"] = f"{100 * result.per_attack['autoattack']:.2f}"
     info.update(extra or {})
