@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from method_checks import CHECKS, batch, check_label_smoothing, gen, tiny_model
 from torch import nn
 
-from backsmooth import attacks, cli, data, methods, models
-from backsmooth.attacks import AttackSpec, Perturbation, ce_loss, pgd, uniform_init
+from backsmooth import attacks, cli, data, evaluate, methods, models
+from backsmooth.attacks import AttackSpec, Perturbation, ball_init, ce_loss, pgd, uniform_init
 from backsmooth.config import RunConfig
 from backsmooth.errors import ConfigError
 from backsmooth.methods import registry as method_registry
@@ -58,6 +58,13 @@ def _parse_big(match):
     return AttackSpec(match.group(0), "big", int(match.group(1)), random_start=True, make=_two_step_pgd)
 
 
+def _parse_any_norm(match):
+    """The docs' family for every norm: `make` takes `norm` because `norms` names more than L-inf."""
+    return AttackSpec(match.group(0), "anynorm", int(match.group(1)), random_start=True, norms=("linf", "l2"),
+                      make=lambda spec, eps, step, norm="linf": Perturbation(ce_loss, ball_init(norm), eps, step,
+                                                                           spec.steps, norm=norm))
+
+
 def _read_stripes(options: data.SourceOptions) -> data.Source:
     generator = torch.Generator().manual_seed(0)
 
@@ -86,11 +93,13 @@ def registered():
 
     methods.register(NoisyCE)
     attacks.register(r"big([1-9]\d*)", ("bigK",), _parse_big)
+    attacks.register(r"anynorm([1-9]\d*)", ("anynormK",), _parse_any_norm)
     data.register("stripes", data.DatasetKind(_read_stripes, "none", None, needs_files=False, default_val_size=32,
                                               summary="generated stripes (test dataset)"))
     models.register("tiny_mlp", _tiny_mlp)
     yield
     method_registry._REGISTRY.pop("noisy_ce")
+    attack_registry._FAMILIES.pop()
     attack_registry._FAMILIES.pop()
     data_registry.DATASETS.pop("stripes")
     model_registry.pop("tiny_mlp")
@@ -117,6 +126,17 @@ def test_registered_extensions_train_bench_and_evaluate(tmp_path, capsys):
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("noisy_ce"))
     assert row.split()[-3:-1] == ["3", "3"]  # measured F units equal the declared floor
+
+
+def test_a_registered_family_with_norms_attacks_at_l2_and_one_without_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3)).eval()
+    x, y = torch.rand(12, 3, 4, 4), torch.arange(12) % 3
+    result = evaluate(model, x, y, eps=0.5, attacks="anynorm5,pgd5", norm="l2", progress=False)
+    assert result.per_attack["anynorm5"] == result.per_attack["pgd5"]  # the same steps, start and projection
+    assert result.attacks["anynorm5"]["settings"]["norm"] == "L2"
+    with pytest.raises(ConfigError, match="attack 'big3' is for linf only, not l2"):
+        evaluate(model, x, y, eps=0.5, attacks="big3", norm="l2", progress=False)
 
 
 def test_registered_options_get_flags_and_checks(capsys):

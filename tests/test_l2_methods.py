@@ -86,3 +86,19 @@ def test_train_at_l2_records_the_norm_and_refuses_what_it_cannot(tmp_path, capsy
     assert summary["norm"] == "l2"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["norm"] == "l2"
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["meta"]["norm"] == "l2"
+
+
+def test_l2_presets_exist_for_every_method_with_an_l2_form_and_only_those():
+    from backsmooth import presets
+    l2 = {name for name in presets.PRESETS if name.endswith("-l2")}
+    allowed = set(L2_METHODS) | {"natural"}
+    expected = {f"{prefix}-{m}-l2" for m in allowed for prefix in ("cifar10-resnet18", "cpu-digits", "cpu-cifar10")}
+    assert l2 == expected
+    for name in l2:
+        values, linf = presets.preset(name), presets.preset(name.removesuffix("-l2"))
+        assert (values["norm"], values["eps"]) == ("l2", 0.5)
+        changed = {k for k in values if values[k] != linf.get(k)}
+        assert changed <= {"norm", "eps", "epochs"}, (name, changed)  # the rest of the protocol is the L-inf one's
+    config = from_mapping(presets.preset("cifar10-resnet18-pgd_at-l2"))
+    assert (config.arch, config.epochs, config.norm) == ("resnet18", 100, "l2")
+    assert methods.build("pgd_at", **config.method_hyperparameters()).alpha == pytest.approx(0.5 / 4)

@@ -350,3 +350,29 @@ def test_study_under_torchrun_trains_each_run_on_every_process(tmp_path):
     assert (out / "runs" / "fgsm_rs-seed0" / "eval-last.json").is_file()
     assert (out / "report" / "study.md").is_file()
     assert result.stdout.count("writing the report") == 1  # rank 0 alone evaluates and reports
+
+
+def _row(run, clean: float) -> "EntryRow":
+    from backsmooth.study.report import EntryRow
+    from backsmooth.units import threat_model_text
+    return EntryRow(entry=run.entry, method=run.config.method, checkpoint="last",
+                    threat_model=threat_model_text(run.config.norm, run.config.eps), seeds=(0,), f_per_step=5,
+                    clean=(clean, 0.0), attacks={"pgd10": (0.5, 0.0)}, worst_case=(0.5, 0.0),
+                    seconds_per_epoch=(10.0, 0.0), ratios={"TRADES-10": None, "FGSM-RS": None}, collapsed=0)
+
+
+def test_study_table_states_the_threat_model_and_a_column_when_entries_differ(tmp_path):
+    from backsmooth.study.report import render
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC.replace("epochs = 1", 'epochs = 1\nnorm = "l2"\neps = 0.5'))
+    plan = load_study(spec, tmp_path / "out")
+    text = render(plan, [_row(plan.runs[0], 0.9)], "backsmooth study spec.toml")
+    assert "Protocol: digits, small_cnn, L2, eps 0.5, 1 epoch" in text and "threat model" not in text
+    spec.write_text(SPEC + '[[entries]]\nmethod = "pgd_at"\nnorm = "l2"\neps = 0.5\n')
+    plan = load_study(spec, tmp_path / "out2")
+    text = render(plan, [_row(run, 0.9) for run in plan.runs], "backsmooth study spec.toml")
+    assert "Protocol: digits, small_cnn, Linf, eps 0.1," in text
+    last = text.split("## last.pt")[1].split("##")[0]
+    header, _, fgsm, pgd = [line for line in last.splitlines() if line.startswith("|")]
+    assert header.split(" | ")[2] == "threat model"
+    assert fgsm.split(" | ")[2] == "Linf, eps 0.1" and pgd.split(" | ")[2] == "L2, eps 0.5"

@@ -16,7 +16,7 @@ from backsmooth.report.read import flat_config
 from backsmooth.report.rows import is_reference
 from backsmooth.study.estimate import step_units
 from backsmooth.study.spec import PlannedRun, Study
-from backsmooth.units import eps_text
+from backsmooth.units import threat_model_text
 
 REFERENCES = {"TRADES-10": ("trades", 10), "FGSM-RS": ("fgsm_rs", None)}  # label -> (method, steps or None)
 
@@ -28,6 +28,7 @@ class EntryRow:
     entry: str
     method: str
     checkpoint: str
+    threat_model: str  # 'L2, eps 0.5': of training, validation and the evaluation
     seeds: tuple[int, ...]
     f_per_step: int
     clean: tuple[float, float] | None  # (mean, sample std; 0 for one seed)
@@ -70,6 +71,7 @@ def entry_rows(study: Study, runs: Sequence[PlannedRun], rows: Sequence[Row]) ->
             chosen = [row for row in found if row is not None]
             result.append(EntryRow(
                 entry=entry, method=first.config.method, checkpoint=checkpoint,
+                threat_model=threat_model_text(first.config.norm, first.config.eps),
                 seeds=tuple(r.seed for r, row in zip(members, found) if row is not None),
                 f_per_step=step_units(first.config), clean=_mean_std([row.clean_acc for row in chosen]),
                 attacks={a: _mean_std([row.per_attack.get(a) for row in chosen]) for a in first.attacks},
@@ -89,10 +91,12 @@ def render(study: Study, table: Sequence[EntryRow], command: str) -> str:
     """study.md."""
     c = study.runs[0].config
     attacks = list(dict.fromkeys(a for row in table for a in row.attacks))
-    header = ["entry", "method", "F/step", "seeds", "clean", *attacks, "worst case", "time/epoch",
-              *(f"time vs {label}" for label in REFERENCES)]
+    mixed = len({row.threat_model for row in table}) > 1  # entries that override norm or eps: a column says which
+    header = ["entry", "method", *(["threat model"] if mixed else []), "F/step", "seeds", "clean", *attacks,
+              "worst case", "time/epoch", *(f"time vs {label}" for label in REFERENCES)]
     lines = [f"# Study: {study.title}", "", f"Command: `{command}`; spec: [spec.toml](../spec.toml).", "",
-             f"Protocol: {c.dataset}, {c.arch}, eps {eps_text(c.eps)}, {c.epochs} epoch{'s' * (c.epochs != 1)} "
+             f"Protocol: {c.dataset}, {c.arch}, {threat_model_text(c.norm, c.eps)}, "
+             f"{c.epochs} epoch{'s' * (c.epochs != 1)} "
              f"(Free-AT: epochs / m), "
              f"batch {c.batch_size}, {c.schedule} lr {c.lr:g}, weight averaging {c.weight_averaging:g}, label "
              f"smoothing {c.label_smoothing:g}, {c.precision} on {c.device} (entries may override). Evaluation: "
@@ -104,7 +108,8 @@ def render(study: Study, table: Sequence[EntryRow], command: str) -> str:
             n = len(row.seeds)
             mean, std = row.seconds_per_epoch
             cells = [row.entry + (f" ({row.collapsed} collapsed)" if row.collapsed else ""), row.method,
-                     str(row.f_per_step), ", ".join(map(str, row.seeds)) or "none evaluated", _percent(row.clean, n),
+                     *([row.threat_model] if mixed else []), str(row.f_per_step),
+                     ", ".join(map(str, row.seeds)) or "none evaluated", _percent(row.clean, n),
                      *(_percent(row.attacks.get(a), n) for a in attacks), _percent(row.worst_case, n),
                      format_duration(mean) + (f" ± {format_duration(std)}" if n > 1 else ""),
                      *("n/a" if row.ratios[label] is None else f"{row.ratios[label]:.2f}x" for label in REFERENCES)]
