@@ -14,6 +14,8 @@ import pytest
 
 from backsmooth.cli import main
 from backsmooth.study import load_study
+from backsmooth.study.report import EntryRow, render
+from backsmooth.units import threat_model_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "studies" / "smoke.toml"
@@ -352,9 +354,7 @@ def test_study_under_torchrun_trains_each_run_on_every_process(tmp_path):
     assert result.stdout.count("writing the report") == 1  # rank 0 alone evaluates and reports
 
 
-def _row(run, clean: float) -> "EntryRow":
-    from backsmooth.study.report import EntryRow
-    from backsmooth.units import threat_model_text
+def _row(run, clean: float) -> EntryRow:
     return EntryRow(entry=run.entry, method=run.config.method, checkpoint="last",
                     threat_model=threat_model_text(run.config.norm, run.config.eps), seeds=(0,), f_per_step=5,
                     clean=(clean, 0.0), attacks={"pgd10": (0.5, 0.0)}, worst_case=(0.5, 0.0),
@@ -362,7 +362,6 @@ def _row(run, clean: float) -> "EntryRow":
 
 
 def test_study_table_states_the_threat_model_and_a_column_when_entries_differ(tmp_path):
-    from backsmooth.study.report import render
     spec = tmp_path / "spec.toml"
     spec.write_text(SPEC.replace("epochs = 1", 'epochs = 1\nnorm = "l2"\neps = 0.5'))
     plan = load_study(spec, tmp_path / "out")

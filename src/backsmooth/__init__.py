@@ -3,6 +3,7 @@
     loss_fn = backsmooth.methods.build("backward_smoothing", eps=8/255)   # a drop-in training loss
     result = backsmooth.evaluate(model, x, y, eps=8/255, attacks=("pgd20", "cw20"))
     model, meta = backsmooth.load_model("runs/latest")                   # a trained model, in eval mode
+    model = backsmooth.load("exported/folder")                           # or a run, a .pt file, a Hub id
 
 The names below load on first use, so torch-free parts (the report) import without torch.
 """
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"attacks": "backsmooth.attacks", "methods": "backsmooth.methods", "models": "backsmooth.models",
          "RunConfig": "backsmooth.config", "evaluate": "backsmooth.evaluation",
-         "load_model": "backsmooth.checkpoint"}
+         "load_model": "backsmooth.checkpoint", "load": "backsmooth.publish"}
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +25,4 @@ def __getattr__(name: str) -> Any:
     return module if module.__name__.endswith(f".{name}") else getattr(module, name)
 
 
-__all__ = ["RunConfig", "attacks", "evaluate", "load_model", "methods", "models", "__version__"]
+__all__ = ["RunConfig", "attacks", "evaluate", "load", "load_model", "methods", "models", "__version__"]

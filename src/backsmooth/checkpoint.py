@@ -1,5 +1,6 @@
 """Checkpoints and model files: atomic saving (atomic.py), safe (weights-only) loading, and loading a
-trained model with its metadata."""
+trained model with its metadata, from a run directory, a model file or an exported folder (model.safetensors
+and config.json, written by `backsmooth export`)."""
 
 import io
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from backsmooth import models
 from backsmooth.atomic import atomic_write_bytes, atomic_write_text
@@ -77,9 +80,20 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     model.load_state_dict(state)
 
 
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_FORMAT = "model.safetensors", "config.json", 1
+
+
+def is_exported(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `backsmooth export` (it holds model.safetensors)."""
+    return (Path(path) / EXPORT_WEIGHTS).is_file()
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A trained model from a run directory (its best.pt, else last.pt) or a model file, with its metadata."""
+    """A trained model from a run directory (its best.pt, else last.pt), a model file or an exported folder, with
+    its metadata (arch, num_classes, in_channels, dataset, method, norm, eps, ..., and `path`, the file read)."""
     path = Path(path)
+    if is_exported(path):
+        return _load_exported(path, device)
     if path.is_dir():
         candidates = [path / "best.pt", path / "last.pt"]
         found = [p for p in candidates if p.is_file()]
@@ -94,3 +108,27 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     model = models.build(meta["arch"], meta["num_classes"], in_channels=meta["in_channels"])
     load_state_into(model, model_state(saved, path), str(path))
     return model.to(device).eval(), dict(meta, path=str(path))
+
+
+def _load_exported(folder: Path, device: torch.device | str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of an exported folder: the architecture its config.json names, the weights of model.safetensors
+    (the normalisation is part of them), and the checkpoint metadata the config carries."""
+    weights = folder / EXPORT_WEIGHTS
+    try:
+        config = json.loads((folder / EXPORT_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / EXPORT_CONFIG} is missing or not JSON ({_first_line(exc)}); "
+                              f"export the run again") from None
+    if not isinstance(config, dict) or config.get("library") != "backsmooth" or "checkpoint" not in config:
+        raise CheckpointError(f"{folder / EXPORT_CONFIG} was not written by `backsmooth export`")
+    if config.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{folder} has export format {config.get('format')!r}; this backsmooth reads format "
+                              f"{EXPORT_FORMAT} (upgrade backsmooth)")
+    try:
+        state = load_file(weights)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({_first_line(exc)})") from None
+    meta = dict(config["checkpoint"])
+    model = models.build(meta["arch"], meta["num_classes"], in_channels=meta["in_channels"])
+    load_state_into(model, state, str(weights))
+    return model.to(device).eval(), dict(meta, path=str(weights))

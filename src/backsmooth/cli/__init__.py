@@ -1,4 +1,4 @@
-"""`backsmooth train | eval | bench | report | presets`: the command-line front end, one module per
+"""`backsmooth train | eval | bench | report | export | study | presets`: the command-line front end, one module per
 subcommand. Library modules do not parse arguments; this package turns flags into their calls.
 
 User mistakes print one line and exit with code 2; an interrupted run exits with code 75 after
@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from backsmooth.cli import bench, evaluate, presets, report, study, train
+from backsmooth.cli import bench, evaluate, export, presets, report, study, train
 from backsmooth.errors import EXIT_USAGE, BacksmoothError, one_line
 
 COMMANDS = {
@@ -18,6 +18,7 @@ COMMANDS = {
     "eval": (evaluate, "evaluate a trained model (run directory or model file)"),
     "bench": (bench, "time every method's training step on one model and batch"),
     "report": (report, "summary table and plots from run directories"),
+    "export": (export, "a finished run's model as a folder to publish: safetensors, config and a model card"),
     "study": (study, "a resumable grid of methods x seeds under one protocol, evaluated and reported"),
     "presets": (presets, "list the named presets"),
 }
