@@ -91,6 +91,9 @@ class RunConfig:
     checkpoint_every: int = _field(0, "also checkpoint every N steps (0: at epoch ends only)")
     on_nonfinite: str = _field("stop", "stop (default) or skip steps whose loss is not finite")
     out: str | None = _field(None, "run directory (default: runs/<method>-<dataset>-<arch>-<time>)")
+    tensorboard: str | None = _field(None, "also write every number of metrics.jsonl as TensorBoard events into "
+                                           "folder DIR (RUN_DIR/... is inside the run directory; the flag alone: "
+                                           "RUN_DIR/tensorboard; needs pip install tensorboard) (default: none, off)")
 
     def method_hyperparameters(self) -> dict[str, Any]:
         """The keyword arguments of `methods.build`: the set options, plus eps where the method has one."""

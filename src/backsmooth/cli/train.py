@@ -16,6 +16,7 @@ from backsmooth.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, Interrupted, Trai
 from backsmooth.plugins import is_import_path
 from backsmooth.presets import preset
 from backsmooth.training import DEFAULT_RUNS, train
+from backsmooth.training.tensorboard import DEFAULT as TENSORBOARD_DEFAULT
 
 
 def _flag(name: str) -> str:
@@ -51,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
         text = _with_default(name, cfg.field_help(name)).replace("%", "%%")
         if is_bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name == "tensorboard":  # its value is optional
+            parser.add_argument(_flag(name), dest=name, nargs="?", const=TENSORBOARD_DEFAULT, default=None,
+                                metavar="DIR", help=text)
         else:
             parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=text)
 

@@ -14,7 +14,7 @@ from backsmooth.units import eps_text
 
 # config keys that do not change what a run computes: never in labels, ignored when grouping seeds
 IGNORED_KEYS = ("method", "out", "device", "data_dir", "cache_dir", "download", "log_every", "checkpoint_every",
-                "eval_batch_size")
+                "eval_batch_size", "tensorboard")
 # label order: these keys, then the method options (sorted), then LABEL_KEYS_THEN, every other key sorted, seed
 LABEL_KEYS_FIRST = ("arch", "dataset", "eps")
 LABEL_KEYS_THEN = ("epochs", "batch_size", "lr", "schedule")

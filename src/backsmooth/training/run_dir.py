@@ -2,9 +2,10 @@
 
 Files: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (everything needed to resume
 exactly; checkpoint.prev.pt is the one before), last.pt and best.pt (model weights and metadata,
-loadable with `torch.load(path, weights_only=True)`), summary.json (final test results), and
-.lock, which the training process holds (an OS file lock, so a killed process releases it). Nothing else
-writes into a run directory while it trains.
+loadable with `torch.load(path, weights_only=True)`), summary.json (final test results),
+.lock, which the training process holds (an OS file lock, so a killed process releases it), and with
+--tensorboard alone the TensorBoard events in tensorboard/ (tensorboard.py writes them). Nothing else writes
+into a run directory while it trains.
 """
 
 import json
@@ -28,7 +29,7 @@ except ImportError:  # not POSIX: no locking
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "last.pt", "best.pt",
              "summary.json")
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")  # newest first
-RESUME_IGNORED = ("out", "device", "log_every")  # may change between a run and its resume
+RESUME_IGNORED = ("out", "device", "log_every", "tensorboard")  # may change between a run and its resume
 
 
 class DirectoryLock:

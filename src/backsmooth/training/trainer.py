@@ -5,7 +5,8 @@ Reads top-down: `Trainer.__init__` sets the run up (setup.py), `run` loops over 
 steps with one timer bracket for what is not training (the guard's checks, logging, checkpoints),
 `_end_epoch` validates and saves, `_finish` evaluates. The run directory (run_dir.py) owns every file; the
 training state (state.py) is captured and restored in one place; the collapse guard and its policy live in
-guard.py. Under torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
+guard.py; with --tensorboard every metrics.jsonl row also goes to TensorBoard (tensorboard.py). Under
+torchrun, rank 0 alone writes; every rank trains on its shard of each global batch.
 """
 
 import sys
@@ -38,6 +39,7 @@ from backsmooth.training.state import (
     stop_on_signals,
 )
 from backsmooth.training.step import training_step
+from backsmooth.training.tensorboard import TensorBoardLog, event_folder
 
 T = TypeVar("T")
 
@@ -56,6 +58,8 @@ class Trainer:
         self.proc = self.runtime.proc
         self.run_dir = RunDirectory(default_run_path(config, self.runtime))
         config.out = str(self.run_dir.path)
+        self.tensorboard_dir = event_folder(config.tensorboard, self.run_dir.path)  # None: off; refused here
+        self.log = TensorBoardLog()  # the TensorBoard events, written while `run` runs
         has_checkpoint, stale = self.run_dir.check(config, resume, overwrite)
         if self.proc.is_main:
             self.run_dir.lock()  # an existing directory: refused now if another process trains in it
@@ -101,7 +105,9 @@ class Trainer:
         """Train the remaining epochs, then evaluate last and best on the test set."""
         collapse = self.state.guard.collapse
         stopped = collapse is not None and collapse.get("action") == "stop"
-        with stop_on_signals() as stop_requested:
+        # rank 0 opens the writer here, not in __init__, so that setting a run up writes nothing outside it
+        self.log = TensorBoardLog(self.tensorboard_dir if self.proc.is_main else None, self.state.global_step + 1)
+        with self.log, stop_on_signals() as stop_requested:
             while self.state.epoch < self.config.epochs and not stopped:
                 try:
                     self._train_epoch(stop_requested)
@@ -198,9 +204,9 @@ class Trainer:
         """One guard check; keep the rollback point when it improved; respond to a collapse (guard.response)."""
         progress, proc = self.state, self.proc
         event = self._time_guard(lambda: self.guard.check(self.parts.net, progress.global_step, progress.epoch))
-        progress.metrics.append(dict(self.guard.last, event="guard", epoch=progress.epoch + 1,
-                                     step=progress.global_step, total_train_seconds=train_seconds,
-                                     epochs_done=progress.epoch + progress.step_in_epoch / len(self.loader)))
+        self._record(dict(self.guard.last, event="guard", epoch=progress.epoch + 1,
+                          step=progress.global_step, total_train_seconds=train_seconds,
+                          epochs_done=progress.epoch + progress.step_in_epoch / len(self.loader)))
         # rank 0's guard decides the point to stop at or roll back to, so every rank keeps the same one
         if self.config.on_collapse != "warn" and dist.broadcast_object(self.guard.improved, proc):
             progress.good = snapshot(self.parts, progress.global_step)
@@ -219,7 +225,7 @@ class Trainer:
                                                   len(progress.guard.rollbacks))
         if action == "rollback":
             event["alpha"] = method.alpha * self.config.rollback_factor
-        progress.metrics.append(dict(event))
+        self._record(dict(event))
         if self.proc.is_main:
             self.run_dir.write_metrics(progress.metrics)
             print(warning(event, method.alpha), file=sys.stderr, flush=True)
@@ -253,7 +259,7 @@ class Trainer:
         with eval_watch.running():
             val_clean, val_robust = self._accuracy(self.data.val.images, self.data.val.labels, config.val_pgd_steps)
         row = self._epoch_row(epoch, val_clean, val_robust, eval_watch.seconds)
-        progress.metrics.append(row)
+        self._record(row)
         score = val_robust if val_robust == val_robust else val_clean  # NaN when no PGD / empty split
         improved = score > progress.best_val_robust
         if improved:
@@ -279,6 +285,7 @@ class Trainer:
         totals = dist.all_reduce_sum(totals, self.proc).tolist()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
+            "step": progress.global_step,
             "lr": self.parts.optimizer.param_groups[0]["lr"],
             "train_seconds": progress.epoch_seconds,
             "total_train_seconds": progress.train_seconds,
@@ -295,9 +302,15 @@ class Trainer:
         row.update({f"train_{k}": total / max(totals[0], 1) for k, total in zip(keys, totals[1:])})
         return row
 
+    def _record(self, row: dict[str, Any]) -> None:
+        """Append a row to metrics.jsonl (on disk at the next write_metrics) and write it to TensorBoard."""
+        self.state.metrics.append(row)
+        self.log.record(row)
+
     def _save_checkpoint(self) -> None:
-        """checkpoint.pt (collective under torchrun)."""
+        """checkpoint.pt (collective under torchrun); the TensorBoard events it holds are flushed before."""
         self.guard.flush()
+        self.log.flush()
         saved = capture(self.parts, self.state, self.runtime)
         if saved is not None:
             self.run_dir.save_checkpoint(saved)
