@@ -76,6 +76,7 @@ def test_config_says_what_the_model_is(exported):
     assert config["architecture"] == "small_cnn" and config["num_classes"] == 10 and config["input_size"] == [1, 8, 8]
     assert config["threat_model"] == {"norm": "linf", "eps": 0.1, "text": "Linf, eps 0.1"}
     assert config["training"]["method"] == "backward_smoothing" and config["training"]["checkpoint"] == "best"
+    assert config["classes"] == [str(digit) for digit in range(10)] and "CPU" in config["training"]["device"]
     assert len(config["normalization"]["mean"]) == 1 and config["normalization"]["inside_model"] is True
     assert [e["source"] for e in config["evaluations"]] == ["eval-run.json", "summary.json"]
 
@@ -179,3 +180,24 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.di
 @given(st.dictionaries(KEYS, VALUES, min_size=1, max_size=4))
 def test_the_card_yaml_reads_back_as_written(value):
     assert yaml.safe_load(_yaml(value)) == value
+
+
+def test_init_from_an_export_or_a_run_starts_from_its_weights(exported, tmp_path, capsys):
+    from backsmooth.config import from_mapping
+    from backsmooth.training.setup import build_model, load_data, runtime_for
+    run, out = exported
+    saved = torch.load(run / "best.pt", weights_only=True)["model"]
+    for source in (out, run):
+        config = from_mapping(dict(dataset="digits", init_from=str(source), seed=5))
+        runtime = runtime_for(config)
+        net, _ = build_model(config, load_data(config, runtime), runtime)
+        assert all(torch.equal(net.state_dict()[key], saved[key]) for key in saved)
+    assert cli.main(["train", "--init-from", str(out), "--out", str(tmp_path / "ft"), *QUICK]) == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["init_from"] == str(out)
+    capsys.readouterr()
+    for source, message in ((out, "does not fit"), (tmp_path / "none", "no such run directory")):
+        assert cli.main(["train", "--init-from", str(source), "--dataset", "synthetic",
+                         "--out", str(tmp_path / "bad"), *QUICK]) == 2
+        err = capsys.readouterr().err
+        assert f"--init-from {source}" in err and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()

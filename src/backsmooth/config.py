@@ -46,6 +46,10 @@ class RunConfig:
                                         "dataset's, 1000 for the large ones)")
     # model
     arch: str = _field("small_cnn", "architecture name, or MODULE:FUNCTION for your own model factory")
+    init_from: str | None = _field(None, "start from trained weights (fine-tuning): a run directory (its best.pt, "
+                                         "else last.pt), a model file or a folder of `backsmooth export`, of the same "
+                                         "architecture and classes; its normalisation comes with it (default: none, "
+                                         "random initialisation)")
     # method: the run's radius; the method's own options go to method_options (flat keys in files and flags)
     method: str = _field("backward_smoothing", "training method name, or MODULE:CLASS for your own method")
     eps: float = _field(8 / 255, "radius of the threat model in [0, 1] pixel units (8/255 at linf, 0.5 at l2); "

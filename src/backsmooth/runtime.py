@@ -3,6 +3,7 @@ precision and timing helpers shared by training, evaluation and benchmarks."""
 
 import contextlib
 import dataclasses
+import platform
 import time
 from collections.abc import Iterator
 
@@ -123,3 +124,16 @@ class Stopwatch:
             yield
         finally:
             self.start()
+
+
+def device_name(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU model and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the processor model here
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu} CPU ({torch.get_num_threads()} threads)"

@@ -9,7 +9,6 @@ of the paper can be read off one table.
 """
 
 import dataclasses
-import platform
 import statistics
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from backsmooth import methods, models
 from backsmooth.data import ArrayDataset, DeviceLoader
 from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod
-from backsmooth.runtime import Runtime, resolve_device, synchronize
+from backsmooth.runtime import Runtime, device_name, resolve_device, synchronize
 from backsmooth.training.setup import Parts
 from backsmooth.training.step import training_step
 from backsmooth.units import threat_model_text
@@ -217,7 +216,7 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
                 row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
     result: dict[str, Any] = {
         "arch": setup.arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
-        "eps": setup.eps, "norm": setup.norm, "device": str(dev), "device_name": _device_name(dev),
+        "eps": setup.eps, "norm": setup.norm, "device": str(dev), "device_name": device_name(dev),
         "precision": precision,
         "channels_last": channels_last, "compile": setup.compile, "warmup": setup.warmup, "repeats": setup.repeats,
         "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
@@ -232,16 +231,6 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
     return result
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:  # Linux names the processor model here
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu} CPU ({torch.get_num_threads()} threads)"
 
 
 def bench_table(result: dict[str, Any]) -> str:

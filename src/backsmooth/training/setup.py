@@ -10,6 +10,7 @@ from torch import nn
 
 from backsmooth import distributed as dist
 from backsmooth import methods, models
+from backsmooth.checkpoint import load_model, load_state_into
 from backsmooth.config import RunConfig
 from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
 from backsmooth.errors import ConfigError
@@ -97,6 +98,8 @@ def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tup
     torch.manual_seed(config.seed)
     net = models.build(config.arch, data.num_classes, in_channels=data.image_shape[0], mean=data.mean,
                        std=data.std).to(runtime.device)
+    if config.init_from:
+        start_from(net, config.init_from)
     if config.sync_bn and runtime.proc.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if config.channels_last:
@@ -106,6 +109,15 @@ def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tup
         device_ids = [runtime.device] if runtime.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return net, model
+
+
+def start_from(net: nn.Module, source: str) -> None:
+    """--init-from: the weights of a trained model (normalisation included), refused in one line when they do not
+    fit this architecture and number of classes. A resumed run then restores its own checkpoint over them."""
+    if not Path(source).exists():
+        raise ConfigError(f"--init-from {source}: no such run directory, model file or exported folder")
+    trained, _ = load_model(source)
+    load_state_into(net, trained.state_dict(), f"--init-from {source}")
 
 
 def build_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> DeviceLoader:

@@ -24,7 +24,7 @@ from backsmooth.config import RunConfig, validate
 from backsmooth.errors import Interrupted, TrainingDiverged
 from backsmooth.evaluation.accuracy import sharded_accuracy, stratified_subset
 from backsmooth.methods import StepContext
-from backsmooth.runtime import Stopwatch
+from backsmooth.runtime import Stopwatch, device_name
 from backsmooth.schedules import learning_rate
 from backsmooth.training.guard import CHECKS_PER_EPOCH, GUARD_START, CollapseGuard, response, warning
 from backsmooth.training.run_dir import RunDirectory
@@ -323,7 +323,7 @@ class Trainer:
         config, data = self.config, self.data
         return dict(arch=config.arch, num_classes=data.num_classes, in_channels=data.image_shape[0],
                     image_shape=list(data.image_shape), dataset=config.dataset, method=config.method,
-                    eps=config.eps, norm=config.norm, epoch=epoch)
+                    eps=config.eps, norm=config.norm, epoch=epoch, classes=list(data.classes))
 
     def _mean(self, key: str) -> float:
         sums = self.state.epoch_sums
@@ -355,7 +355,8 @@ class Trainer:
                                    "epochs": config.epochs,
                                    "train_seconds": self.state.train_seconds, "best_epoch": self.state.best_epoch,
                                    "guard_seconds": guard_state.seconds,
-                                   "test_examples": len(index), "processes": self.proc.world_size,
+                                   "test_examples": len(index), "test_size": len(test.labels),
+                                   "device": device_name(self.runtime.device), "processes": self.proc.world_size,
                                    "weight_averaging": config.weight_averaging,  # the first collapse event:
                                    "collapse": (guard_state.rollbacks or [guard_state.collapse])[0],
                                    "rollbacks": len(guard_state.rollbacks)}
