@@ -4,7 +4,8 @@ started; then its checkpoints are evaluated (resumably) into eval-last.json / ev
 goes to OUT/report/. Killed at any moment, the same command carries on where it stopped.
 
 Under torchrun every process walks the same plan and trains each run together (rank 0 decides what is left
-and writes); the evaluations and the report then run on rank 0 alone.
+and writes); the evaluations and the report then run on rank 0 alone. With a submitit executor
+(study.executor) each run is a job that calls `run_one`, the function this process calls for each run.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from backsmooth.config import from_mapping
 from backsmooth.errors import ConfigError, TrainingDiverged, one_line
 from backsmooth.evaluation.saved import SavedProtocol, evaluate_saved
 from backsmooth.report import format_duration, read_run
+from backsmooth.runtime import ProcessInfo
 from backsmooth.study.estimate import (
     AUTOATTACK_REACH,
     DataFacts,
@@ -116,6 +118,11 @@ def _saved_evaluation(path: Path) -> tuple[list[str], int, int]:
         raise ConfigError(f"{path} is not an evaluation file of `backsmooth eval`; move it away") from None
 
 
+def evaluations_left(run: PlannedRun) -> list[str]:
+    """The run's planned checkpoints not evaluated yet."""
+    return [c for c in run.checkpoints if not is_evaluated(run, c)]
+
+
 def is_evaluated(run: PlannedRun, checkpoint: str) -> bool:
     """Whether the checkpoint's eval file exists and ran every attack the spec asks (a spec may add attacks:
     then the checkpoint is evaluated again with all of them, and its file replaced when that is done)."""
@@ -143,9 +150,6 @@ class Plan:
             facts[run.name] = cache[key]
         return cls(study, {r.name: run_units(r, study, facts[r.name]) for r in study.runs}, facts)
 
-    def evaluations_left(self, run: PlannedRun) -> list[str]:
-        return [c for c in run.checkpoints if not is_evaluated(run, c)]
-
     def measured_rates(self) -> dict[str, float]:
         """Seconds per F per example, by architecture, from the runs trained so far."""
         rates: dict[str, list[float]] = {}
@@ -164,7 +168,7 @@ class Plan:
         total = 0.0
         for run in self.study.runs:
             train, evaluation = self.units[run.name]
-            left = (0.0 if is_trained(run) else train) + evaluation * len(self.evaluations_left(run)) / len(
+            left = (0.0 if is_trained(run) else train) + evaluation * len(evaluations_left(run)) / len(
                 run.checkpoints)
             if left and run.config.arch not in rates:
                 return None
@@ -174,7 +178,7 @@ class Plan:
     def progress_line(self, now: str, rates: dict[str, float]) -> str:
         runs = self.study.runs
         planned = sum(len(r.checkpoints) for r in runs)
-        evaluated = planned - sum(len(self.evaluations_left(r)) for r in runs)
+        evaluated = planned - sum(len(evaluations_left(r)) for r in runs)
         left = self.seconds_left(rates)
         eta = "time left known after the first run" if left is None else f"about {format_duration(left)} left"
         return (f"[study {self.study.title}] {sum(map(is_trained, runs))}/{len(runs)} runs trained, "
@@ -210,9 +214,9 @@ def dry_run(study: Study, log: Log) -> None:
         c = run.config
         key = _bench_key(run, plan)
         train, evaluation = plan.units[run.name]
-        share = len(plan.evaluations_left(run)) / len(run.checkpoints)
+        share = len(evaluations_left(run)) / len(run.checkpoints)
         status = ("trained" if is_trained(run) else "resume" if (run_path(run) / "config.json").is_file()
-                  else "new") + f", {len(run.checkpoints) - len(plan.evaluations_left(run))} evaluated"
+                  else "new") + f", {len(run.checkpoints) - len(evaluations_left(run))} evaluated"
         total += (0.0 if is_trained(run) else train * rates[key]) + evaluation * eval_rate[c.arch] * share
         log(f"{run.name:<28} {c.method:<20} {c.epochs:>6} {step_units(c):>6} "
             f"{format_duration(train * rates[key]):>10} {format_duration(evaluation * eval_rate[c.arch]):>10}  "
@@ -241,54 +245,77 @@ def _train(run: PlannedRun, progress: bool | None) -> bool:
     return True
 
 
+def open_study(study: Study) -> DirectoryLock:
+    """Create the study folder, take its lock (held until the report is written) and save the spec."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(study.out)
+    lock.acquire()
+    _write_spec(study)
+    return lock
+
+
+def run_one(run: PlannedRun, study: Study, proc: ProcessInfo, progress: bool | None,
+            announce: Log) -> str | None:
+    """One run of the study, wherever it executes: train it (resuming its checkpoint) unless it has finished,
+    then, on a single process, evaluate its checkpoints. `announce` gets what is done now ("training NAME").
+    Returns the warning line when its loss diverged (the study goes on without it), else None."""
+    if not dist.broadcast_object(is_trained(run), proc):
+        announce(f"training {run.name}")
+        started = time.time()
+        if not _train(run, progress):
+            return one_line(f"warning: {run.name} diverged (non-finite loss) after {time.time() - started:.0f} s; "
+                            f"the study goes on without it (see {run_path(run)})")
+    if proc.is_main and not proc.distributed:
+        _evaluate(run, study, progress, announce)
+    return None
+
+
+def finish_study(study: Study, plan: Plan, command: str, log: Log) -> Path | None:
+    """Write the report of the runs finished so far (None when none has)."""
+    finished = [r for r in study.runs if is_trained(r)]
+    log(plan.progress_line("writing the report", plan.measured_rates()))
+    return write_study_report(study, finished, command) if finished else None
+
+
 def execute(study: Study, command: str, *, progress: bool | None = False, report_only: bool = False,
             log: Log = print) -> dict[str, Any]:
-    """Run what is left of the study (with `report_only`, nothing) and write the report of the runs finished so
-    far; returns {"diverged": [...], "report": path or None}."""
+    """Run what is left of the study in this process (with `report_only`, nothing) and write the report of the
+    runs finished so far; returns {"diverged": [...], "report": path or None}."""
     check_existing(study)
     if report_only and not any(map(is_trained, study.runs)):
         raise ConfigError(f"--report-only: no run of the study in {study.out} has finished yet, so there is no "
                           f"report to write; run the study first: {command}")
     proc, _ = dist.setup(study.runs[0].config.device)
-    lock = DirectoryLock(study.out)
     plan = Plan.of(study)
-    if proc.is_main:
-        study.out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-        _write_spec(study)
+    lock = open_study(study) if proc.is_main else None
+
+    def announce(now: str) -> None:
+        if proc.is_main:
+            log(plan.progress_line(now, plan.measured_rates()))
+
     diverged: list[str] = []
     for run in () if report_only else study.runs:
-        trained = dist.broadcast_object(is_trained(run), proc)
-        if not trained:
-            if proc.is_main:
-                log(plan.progress_line(f"training {run.name}", plan.measured_rates()))
-            started = time.time()
-            if not _train(run, progress):
-                diverged.append(run.name)
-                log(one_line(f"warning: {run.name} diverged (non-finite loss) after {time.time() - started:.0f} s; "
-                             f"the study goes on without it (see {run_path(run)})"))
-                continue
-        if proc.is_main and not proc.distributed:
-            _evaluate(run, study, plan, progress, log)
+        warning = run_one(run, study, proc, progress, announce)
+        if warning is not None:
+            diverged.append(run.name)
+            log(warning)
     dist.shutdown()
-    if not proc.is_main:
+    if lock is None:
         return {"diverged": diverged, "report": None}
     for run in () if report_only else study.runs:
         if run.name not in diverged:
-            _evaluate(run, study, plan, progress, log)
-    finished = [r for r in study.runs if is_trained(r)]
-    log(plan.progress_line("writing the report", plan.measured_rates()))
-    report = write_study_report(study, finished, command) if finished else None
+            _evaluate(run, study, progress, announce)
+    report = finish_study(study, plan, command, log)
     lock.release()
     return {"diverged": diverged, "report": report}
 
 
-def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, log: Log) -> None:
+def _evaluate(run: PlannedRun, study: Study, progress: bool | None, announce: Log) -> None:
     """Evaluate the run's planned checkpoints that have no eval file yet. When best.pt is a copy of last.pt (the
     last epoch was the best) and one of them is evaluated, the other's file is that result under its own name."""
     if not is_trained(run):
         return
-    for checkpoint in plan.evaluations_left(run):
+    for checkpoint in evaluations_left(run):
         twin = "best" if checkpoint == "last" else "last"
         if is_evaluated(run, twin) and _same_file(run_path(run) / "best.pt", run_path(run) / "last.pt"):
             data = json.loads(eval_path(run, twin).read_text())
@@ -297,7 +324,7 @@ def _evaluate(run: PlannedRun, study: Study, plan: Plan, progress: bool | None, 
                                       same_weights_as=data["checkpoint"]["path"])
             atomic_write_json(eval_path(run, checkpoint), data)
             continue
-        log(plan.progress_line(f"evaluating {run.name} {checkpoint}.pt", plan.measured_rates()))
+        announce(f"evaluating {run.name} {checkpoint}.pt")
         evaluation = study.evaluation
         protocol = SavedProtocol(run.attacks, evaluation.n_examples, evaluation.batch_size, evaluation.seed)
         evaluate_saved(run_path(run) / f"{checkpoint}.pt", protocol, name=checkpoint, device=run.config.device,

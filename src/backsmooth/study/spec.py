@@ -17,6 +17,8 @@ read from TOML and checked whole before anything runs.
     method = "fgsm_rs"
     alpha = "10/255"                   # any RunConfig key or method option overrides the protocol
     attacks = ["pgd20", "autoattack"]  # an entry may also evaluate other attacks or checkpoints
+    [executor]                         # optional: where the runs execute (not what they compute)
+    kind = "slurm"                     # inprocess (default), local or slurm: one submitit job per run
 
 Values are layered preset < protocol < entry. Epochs count passes over the data: when they come from the
 protocol, a method that replays each batch m times (Free-AT) trains ceil(epochs / m) epochs, as its presets do.
@@ -37,11 +39,14 @@ from backsmooth.errors import ConfigError
 from backsmooth.plugins import is_import_path
 from backsmooth.presets import PRESETS, preset
 
-TOP_KEYS = ("title", "seeds", "protocol", "evaluation", "entries")
+TOP_KEYS = ("title", "seeds", "protocol", "evaluation", "entries", "executor")
 EVALUATION_KEYS = ("attacks", "n_examples", "checkpoints", "batch_size", "seed")
 ENTRY_KEYS = ("method", "name", "seeds", "attacks", "checkpoints")  # besides RunConfig keys and method options
 SET_BY_STUDY = ("method", "seed", "out")  # every run's own: not protocol keys
 CHECKPOINTS = ("last", "best")
+EXECUTORS = ("inprocess", "local", "slurm")
+EXECUTOR_FLAGS = {"kind": "--executor", "partition": "--partition", "gpus_per_node": "--gpus", "cpus_per_task": None,
+                  "timeout_min": "--time", "account": "--account", "max_parallel": "--jobs", "folder": None}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -54,6 +59,21 @@ class Evaluation:
     checkpoints: tuple[str, ...] = CHECKPOINTS
     batch_size: int = 256
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """Where the runs execute ([executor], or the flags of `backsmooth study`): in this process, or one submitit job
+    per run, locally or on SLURM. It says nothing about what a run computes, so changing it changes no run."""
+
+    kind: str = "inprocess"
+    partition: str | None = None
+    gpus_per_node: int | None = None  # None: ask for none
+    cpus_per_task: int | None = None
+    timeout_min: int = 240  # a job's time limit; a run that needs longer is requeued and resumes
+    account: str | None = None
+    max_parallel: int | None = None  # jobs at once; None: every run on SLURM, one at a time locally
+    folder: str | None = None  # submitit's job files and logs; None: OUT/jobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +101,7 @@ class Study:
     out: Path
     evaluation: Evaluation
     runs: tuple[PlannedRun, ...]
+    executor: Executor = Executor()
 
     def entries(self) -> list[str]:
         return list(dict.fromkeys(run.entry for run in self.runs))
@@ -145,6 +166,25 @@ def _checkpoints(value: Any, spec: Path, where: str) -> tuple[str, ...]:
             or len(set(value)) != len(value)):
         raise _fail(spec, f"{where} checkpoints must list some of {', '.join(CHECKPOINTS)} once each, got {value!r}")
     return tuple(value)
+
+
+def executor_settings(values: dict[str, Any], where: str) -> Executor:
+    """The checked settings of an [executor] table's keys (or of it with the flags applied); ConfigError names
+    `where`, the spec or the command."""
+    for key, value in values.items():
+        flag = f" ({EXECUTOR_FLAGS[key]})" if EXECUTOR_FLAGS[key] else ""
+        if value is None:  # not set (TOML has no null): the default
+            continue
+        if key == "kind" and value not in EXECUTORS:
+            raise ConfigError(f"{where}: [executor] kind{flag} must be one of {', '.join(EXECUTORS)}, got {value!r}"
+                              f"{_did_you_mean(str(value), EXECUTORS)}")
+        least = 0 if key == "gpus_per_node" else 1
+        if key in ("gpus_per_node", "cpus_per_task", "timeout_min", "max_parallel") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ConfigError(f"{where}: [executor] {key}{flag} must be an integer >= {least}, got {value!r}")
+        if key in ("partition", "account", "folder") and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}: [executor] {key}{flag} must be a non-empty string, got {value!r}")
+    return dataclasses.replace(Executor(), **values)
 
 
 def _did_you_mean(word: str, names: Iterable[str]) -> str:
@@ -297,4 +337,6 @@ def load_study(spec_path: str | Path, out: str | Path | None = None) -> Study:
             run_out = folder / "runs" / f"{name}-seed{seed}"
             config = _run_config(values, protocol, overrides, method, seed, run_out, spec, where)
             runs.append(PlannedRun(name, seed, config, attacks, checkpoints))
-    return Study(title, spec, text, folder, evaluation, tuple(runs))
+    executor = _table(data, "executor", spec)
+    _check_keys(executor, tuple(EXECUTOR_FLAGS), spec, "[executor]")
+    return Study(title, spec, text, folder, evaluation, tuple(runs), executor_settings(executor, str(spec)))
