@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_study import accuracies, env
 
 from backsmooth.cli import main
 from backsmooth.study import check_existing, load_study
@@ -42,25 +43,12 @@ method = "fgsm_rs"
 """
 
 
-def env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "backsmooth", "study", *args]
 
 
 def study(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(*args), env=env(), capture_output=True, text=True, timeout=600)
-
-
-def accuracies(out: Path) -> dict[str, dict[str, float]]:
-    """Every eval file's clean and per-attack accuracies, by run and checkpoint."""
-    found = {}
-    for path in sorted(out.glob("runs/*/eval-*.json")):
-        evaluation = json.loads(path.read_text())["evaluation"]
-        found[f"{path.parent.name}/{path.name}"] = {"clean": evaluation["clean_acc"], **evaluation["per_attack"]}
-    return found
 
 
 def table(out: Path) -> list[tuple]:
