@@ -1,5 +1,6 @@
 """Methods with state (FGSM-PGI's per-example memory, ELLE-A's error statistics, Free-AT's carried
-perturbation): a SIGKILL at any moment and --resume give weights bitwise equal to an uninterrupted run,
+perturbation), and the newest method (MART): a SIGKILL at any moment and --resume give weights bitwise equal to
+an uninterrupted run,
 and under torchrun (2 CPU processes, gloo) a run equals one process with the same global batch.
 
 As in test_distributed.py, exact equality across process counts needs a batch-independent model
@@ -40,7 +41,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", STATEFUL)
+@pytest.mark.parametrize("method", (*STATEFUL, "mart"))
 def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
     cache = tmp_path / "cache"
     reference = run(train_args(method, tmp_path / "reference", cache, "--checkpoint-every", "3"))

@@ -21,7 +21,8 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
                 if arch == "preact_resnet18" and cls.paper_arch != arch:
                     continue
                 presets[f"{dataset}-{arch}-{method}"] = dict(_PAPER, dataset=dataset, arch=arch, method=method,
-                                                             **cls.paper_settings)
+                                                             **{**cls.paper_settings,
+                                                                **cls.paper_arch_settings.get(arch, {})})
     return presets
 
 

@@ -23,8 +23,9 @@ from backsmooth.methods.guided import GAT, NuAT
 from backsmooth.methods.fgsm_pgi import FGSMPGI
 from backsmooth.methods.elle import ELLE, ELLEA
 from backsmooth.methods.free_at import FreeAT
+from backsmooth.methods.mart import MART
 
 __all__ = ["build", "names", "method_class", "options", "register", "takers", "hyperparameter", "Option", "Stats",
            "StepContext",
            "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES", "PGDAT", "FGSMRS", "GradAlign", "Natural",
-           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT"]
+           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT", "MART"]

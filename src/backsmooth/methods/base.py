@@ -91,6 +91,7 @@ class TrainingMethod:
     # the authors' CIFAR-10 protocol where it differs from the common one (epochs, lr, schedule, batch, ...),
     # and the architecture they report besides ResNet-18 and WRN-34-10 (for the presets)
     paper_settings: ClassVar[dict[str, Any]] = {}
+    paper_arch_settings: ClassVar[dict[str, dict[str, Any]]] = {}  # per architecture, over paper_settings
     paper_arch: ClassVar[str | None] = None
     small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
     # False: the method sets its own training targets (FGSM-PGI's soft labels) and refuses --label-smoothing > 0
