@@ -3,6 +3,14 @@ and random draws on both sides, then the loss, every parameter gradient and the 
 float tolerance. Each transcription names its repository, file and function; it keeps the authors' arithmetic
 and drops only what ties it to CUDA or to their loop (`.cuda()`, `Variable`, `optimizer.zero_grad()`)."""
 
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from method_checks import batch, tiny_model
@@ -64,3 +72,140 @@ def test_mart_is_the_authors_mart_loss():
         their_loss = authors_mart_loss(theirs, x, y, noise, ALPHA, EPS, STEPS, beta)
         _compare(ours, theirs, our_loss, their_loss)
     assert ours.training  # our step leaves the model in train mode, as theirs
+
+
+# --------------------------------------------------------------------------- AWP (csdongxian/AWP)
+
+
+def authors_diff_in_weights(model: nn.Module, proxy: nn.Module) -> dict[str, torch.Tensor]:
+    """csdongxian/AWP, AT_AWP/utils_awp.py (and trades_AWP/utils_awp.py), `diff_in_weights`."""
+    diff_dict = {}
+    for (old_k, old_w), (_, new_w) in zip(model.state_dict().items(), proxy.state_dict().items()):
+        if len(old_w.size()) <= 1:
+            continue
+        if "weight" in old_k:
+            diff_w = new_w - old_w
+            diff_dict[old_k] = old_w.norm() / (diff_w.norm() + 1e-20) * diff_w
+    return diff_dict
+
+
+def authors_add_into_weights(model: nn.Module, diff: dict[str, torch.Tensor], coeff: float) -> None:
+    """csdongxian/AWP, utils_awp.py, `add_into_weights`."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in diff:
+                param.add_(coeff * diff[name])
+
+
+def authors_awp_step(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, gamma: float,
+                     trades_beta: float | None, proxy_lr: float, opt: torch.optim.Optimizer) -> None:
+    """One training step with AWP as the authors' loops run it: AT-AWP (AT_AWP/train_cifar10.py, the batch loop:
+    `calc_awp`, `perturb`, CE on X_adv, backward, step, `restore`) or, with `trades_beta`, TRADES-AWP
+    (trades_AWP/train_trades_cifar.py, `train`, with `TradesAWP.calc_awp`)."""
+    proxy = copy.deepcopy(model)
+    proxy_optim = torch.optim.SGD(proxy.parameters(), lr=proxy_lr)
+    proxy.load_state_dict(model.state_dict())
+    proxy.train()
+    if trades_beta is None:  # AdvWeightPerturb.calc_awp
+        loss = -F.cross_entropy(proxy(x_adv), y)
+    else:  # TradesAWP.calc_awp
+        loss_natural = F.cross_entropy(proxy(x), y)
+        loss_robust = F.kl_div(F.log_softmax(proxy(x_adv), dim=1), F.softmax(proxy(x), dim=1), reduction="batchmean")
+        loss = -1.0 * (loss_natural + trades_beta * loss_robust)
+    proxy_optim.zero_grad()
+    loss.backward()
+    proxy_optim.step()
+    diff = authors_diff_in_weights(model, proxy)
+    authors_add_into_weights(model, diff, 1.0 * gamma)
+    if trades_beta is None:
+        robust_loss = F.cross_entropy(model(x_adv), y)
+    else:
+        logits_adv = model(x_adv)
+        loss_robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(model(x), dim=1), reduction="batchmean")
+        robust_loss = F.cross_entropy(model(x), y) + trades_beta * loss_robust
+    opt.zero_grad()
+    robust_loss.backward()
+    opt.step()
+    authors_add_into_weights(model, diff, -1.0 * gamma)
+
+
+def _our_awp_step(model: nn.Module, method: methods.TrainingMethod, x: torch.Tensor, y: torch.Tensor,
+                  gamma: float, seed: int) -> torch.optim.Optimizer:
+    """backsmooth's training step with --awp gamma on `model` (the trainer's own function)."""
+    from backsmooth.distributed import runtime
+    from backsmooth.training.awp import WeightPerturbation
+    from backsmooth.training.setup import Parts
+    from backsmooth.training.step import training_step
+    here = runtime("cpu", "fp32", False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    parts = Parts(model, model, method, opt, torch.amp.GradScaler("cpu", enabled=False),
+                  torch.Generator().manual_seed(seed), awp=WeightPerturbation(model, gamma, 0, here.proc))
+    training_step(parts, x, y, here)
+    return opt
+
+
+def test_awp_is_the_authors_at_awp_and_trades_awp():
+    x, y = batch(interior=True)
+    cases = (("pgd_at", None, 0.01, 0.01), ("trades", 6.0, 0.005, 0.1))  # method, TRADES beta, gamma, proxy lr
+    for name, beta, gamma, proxy_lr in cases:
+        method = methods.build(name, eps=EPS)
+        ours, theirs = tiny_model().train(), tiny_model().train()
+        x_adv = method.perturb(copy.deepcopy(theirs), x, y, torch.Generator().manual_seed(5))  # the step's own
+        _our_awp_step(ours, method, x, y, gamma, seed=5)
+        opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        authors_awp_step(theirs, x, x_adv, y, gamma, beta, proxy_lr, opt)
+        for (key, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(a, b, msg=f"{name}: {key}")
+        if beta is None:  # TRADES-AWP's loop runs a third clean train-mode forward: BatchNorm statistics differ
+            for (key, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):
+                torch.testing.assert_close(a, b, msg=f"{name}: {key}")
+
+
+def test_awp_moves_the_step_and_leaves_no_perturbation_behind():
+    """gamma 0 is the plain step bitwise; a positive gamma changes the step; the weights end where the optimiser
+    put them, not at w + gamma v."""
+    x, y = batch(interior=True)
+    method = methods.build("pgd_at", eps=EPS)
+    plain, zero, moved = tiny_model().train(), tiny_model().train(), tiny_model().train()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss = method(plain, x, y, generator=torch.Generator().manual_seed(5))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    _our_awp_step(zero, method, x, y, 0.0, seed=5)
+    _our_awp_step(moved, method, x, y, 0.01, seed=5)
+    for (key, a), (_, b) in zip(plain.named_parameters(), zero.named_parameters()):
+        assert torch.equal(a, b), key
+    assert any(not torch.allclose(a, c) for a, c in zip(plain.parameters(), moved.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_awp_under_two_processes_perturbs_as_one_process(tmp_path):
+    worker = str(Path(__file__).with_name("ddp_awp_worker.py"))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([shutil.which("torchrun"), "--standalone", "--nproc_per_node=2", worker,
+                          str(tmp_path / "two.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    single, split = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for name, directions in single.items():
+        assert directions and set(directions) == set(split[name])
+        for key, value in directions.items():
+            # the all-reduce sums in another order, and w - 0.01 g - w loses digits before the rescaling to ||w||:
+            # seen here, at most 1e-5 on entries up to 0.4
+            torch.testing.assert_close(split[name][key], value, rtol=1e-4, atol=5e-5, msg=f"{name} {key}")
+
+
+def test_awp_presets_are_the_authors_runs():
+    from backsmooth.presets import preset
+    from backsmooth.schedules import learning_rate
+    trades, at = preset("cifar10-wrn34_10-trades-awp"), preset("cifar10-resnet18-pgd_at-awp")
+    assert (trades["awp"], trades["awp_warmup"], trades["epochs"], trades["alpha"]) == (0.005, 9, 200, 2 / 255)
+    assert (at["awp"], at["awp_warmup"], at["epochs"]) == (0.01, 0, 200)
+    steps = 10  # per epoch
+    lr = {epoch: learning_rate(trades["schedule"], 0.1, (epoch - 1) * steps, 200 * steps) for epoch in (99, 100, 150)}
+    assert lr == pytest.approx({99: 0.1, 100: 0.01, 150: 0.001})  # `if epoch >= 100` / `>= 150`, epochs from 1

@@ -1,7 +1,7 @@
 """Methods with state (FGSM-PGI's per-example memory, ELLE-A's error statistics, Free-AT's carried
-perturbation), and the newest method (MART): a SIGKILL at any moment and --resume give weights bitwise equal to
-an uninterrupted run,
-and under torchrun (2 CPU processes, gloo) a run equals one process with the same global batch.
+perturbation), the newest method (MART) and TRADES with adversarial weight perturbation (--awp): a SIGKILL at
+any moment and --resume give weights bitwise equal to an uninterrupted run, and under torchrun (2 CPU processes,
+gloo) a run equals one process with the same global batch.
 
 As in test_distributed.py, exact equality across process counts needs a batch-independent model
 (small_cnn_gn: GroupNorm), since BatchNorm statistics are per process without SyncBatchNorm."""
@@ -26,7 +26,9 @@ def env() -> dict[str, str]:
 
 
 def train_args(method: str, out: Path, cache: Path, *extra: str) -> list[str]:
-    options = {"fgsm_pgi": ["--reset", "1"], "free_at": ["--replay", "3"]}.get(method, [])  # resets inside the run
+    options = {"fgsm_pgi": ["--reset", "1"], "free_at": ["--replay", "3"],  # resets inside the run
+               "trades+awp": ["--awp", "0.005"]}.get(method, [])
+    method = method.removesuffix("+awp")
     return ["-m", "backsmooth", "train", "--dataset", "synthetic", "--method", method, *options, "--epochs", "2",
             "--batch-size", "32", "--val-pgd-steps", "1", "--final-eval-examples", "50", "--device", "cpu",
             "--cache-dir", str(cache), "--out", str(out), "--no-progress", "--log-every", "2", *extra]
@@ -41,7 +43,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", (*STATEFUL, "mart"))
+@pytest.mark.parametrize("method", (*STATEFUL, "mart", "trades+awp"))
 def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
     cache = tmp_path / "cache"
     reference = run(train_args(method, tmp_path / "reference", cache, "--checkpoint-every", "3"))

@@ -65,6 +65,10 @@ class RunConfig:
     weight_decay: float = _field(5e-4, "SGD weight decay (L2 on every parameter)")
     # the modern recipe (docs/recipe.md)
     label_smoothing: float = _field(0.0, "label smoothing of the training loss's cross-entropy term (0: off)")
+    awp: float = _field(0.0, "adversarial weight perturbation of relative size gamma around the method's step (the "
+                             "authors' 0.005 with TRADES, 0.01 with PGD-AT; 0: off; for methods whose step is an "
+                             "attack then a loss on it)")
+    awp_warmup: int = _field(0, "epochs trained before --awp starts (TRADES-AWP's authors: 9, i.e. from epoch 10)")
     weight_averaging: float = _field(0.0, "EMA decay tau of the weights, e.g. 0.9995; validation, selection, "
                                           "last.pt and best.pt use the average (0: off)")
     collapse_every: int = _field(-1, "steps between collapse-guard checks (-1, the default: a tenth of an epoch, "
@@ -224,6 +228,12 @@ def validate(config: RunConfig) -> RunConfig:
     _check(c.on_collapse != "rollback" or cls.has_step_size(),
            f"--on-collapse rollback lowers the attack step size alpha, which {c.method} does not take; "
            f"use --on-collapse stop or warn")
+    _check(0 <= c.awp < math.inf, f"awp must be a finite number >= 0 (0: off; the authors' 0.005 or 0.01), "
+                                  f"got {c.awp}")
+    _check(c.awp_warmup >= 0, f"awp_warmup must be >= 0 epochs, got {c.awp_warmup}")
+    _check(not c.awp or cls.splits(), f"--awp needs a method whose step is an attack and then a loss on it "
+                                      f"({', '.join(n for n in methods.names() if methods.method_class(n).splits())}"
+                                      f"), not {c.method}")
     _check(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
     _check(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
     schedules.check(c.schedule)

@@ -6,6 +6,7 @@ from typing import Any
 
 from backsmooth import methods
 from backsmooth.errors import ConfigError
+from backsmooth.schedules import stage_drops
 
 _PAPER = dict(epochs=100, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="stage",
               eps=8 / 255, val_size=1000)
@@ -77,8 +78,31 @@ def _controlled_presets() -> dict[str, dict[str, Any]]:
     return presets
 
 
+# adversarial weight perturbation as its authors ran it (csdongxian/AWP): TRADES-AWP (gamma 0.005 from epoch 10,
+# i.e. after 9, 200 epochs, attack step 2/255, lr 0.1 x0.1 from epochs 100 and 150) and AT-AWP (gamma 0.01 from
+# the start, 200 epochs, lr 0.1 x0.1 at 50% and 75%); Backward Smoothing takes TRADES-AWP's values (its loss is
+# TRADES')
+_TRADES_AWP_LR = stage_drops(200, {100: 0.1, 150: 0.01})  # train_trades_cifar.py: `if epoch >= 100` (1-based)
+_AWP = {"trades": dict(awp=0.005, awp_warmup=9, epochs=200, alpha=2 / 255, schedule=_TRADES_AWP_LR),
+        "backward_smoothing": dict(awp=0.005, awp_warmup=9, epochs=200, schedule=_TRADES_AWP_LR),
+        "pgd_at": dict(awp=0.01, awp_warmup=0, epochs=200, schedule="stage")}  # AT-AWP: per iteration, at 50%, 75%
+
+
+def _awp_presets(base: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`DATASET-ARCH-METHOD-awp` for CIFAR-10/100 and `cpu-digits-METHOD-awp` (the CPU preset's epochs, AWP from
+    the start) for the methods of `_AWP` (docs/algorithms.md#adversarial-weight-perturbation---awp)."""
+    presets: dict[str, dict[str, Any]] = {}
+    for method, values in _AWP.items():
+        for dataset in ("cifar10", "cifar100"):
+            for arch in ("resnet18", "wrn34_10"):
+                name = f"{dataset}-{arch}-{method}"
+                presets[f"{name}-awp"] = dict(base[name], **values)
+        presets[f"cpu-digits-{method}-awp"] = dict(base[f"cpu-digits-{method}"], awp=values["awp"])
+    return presets
+
+
 _BASE = {**_cpu_presets(), **_paper_presets(), **_controlled_presets()}
-PRESETS: dict[str, dict[str, Any]] = {**_BASE, **_l2_presets(_BASE)}
+PRESETS: dict[str, dict[str, Any]] = {**_BASE, **_l2_presets(_BASE), **_awp_presets(_BASE)}
 
 
 def preset(name: str) -> dict[str, Any]:

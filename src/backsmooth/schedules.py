@@ -86,3 +86,16 @@ def _interpolate(points: list[tuple[float, float]], progress: float) -> float:
         elif progress >= f0:
             return m0 + (m1 - m0) * (progress - f0) / (f1 - f0) if f1 > f0 else m1
     return value
+
+
+def stage_drops(epochs: int, drops: dict[int, float]) -> str:
+    """A piecewise schedule string of lr multipliers that change at the start of given 1-based epochs, as the
+    authors' adjust_learning_rate (`if epoch >= E: lr = base * m`) applies them."""
+    points, current = ["0=1"], 1.0
+    for epoch, multiplier in sorted(drops.items()):
+        if epoch > epochs:
+            break
+        fraction = (epoch - 1) / epochs
+        points += [f"{fraction!r}={current:g}", f"{fraction!r}={multiplier:g}"]
+        current = multiplier
+    return "piecewise:" + ",".join([*points, f"1={current:g}"])

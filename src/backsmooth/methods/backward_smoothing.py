@@ -55,10 +55,17 @@ class BackwardSmoothing(TrainingMethod):
     def floor_units(self) -> int:
         return 2 + 2 * self.steps + 6  # the backward step (which also gives the clean target), K steps, the loss
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
         x0, clean_log_probs = backward_smoothing_start(model, x, self.gamma, self.alpha, self.eps, generator, self.norm)
         attack = Perturbation(kl_loss, lambda *_: x0, self.eps, self.alpha, self.steps, norm=self.norm)
         x_adv, start_kl = attack(model, x, clean_log_probs, generator)
         record(stats, attack_start_kl=start_kl)
+        return x_adv
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
         return trades_loss(self, model, x, x_adv, y, self.beta, stats)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+        return self.loss_on(model, x, self.perturb(model, x, y, generator, stats), y, stats)

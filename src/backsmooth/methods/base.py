@@ -120,6 +120,22 @@ class TrainingMethod:
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
         raise NotImplementedError
 
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
+        """The adversarial input of a step that is an attack and then a loss on its result (PGD-AT, the TRADES
+        family, MART): `loss_on(model, x, perturb(...), y)` is the step's loss, and `--awp` perturbs the weights
+        against `loss_on` between the two. Methods whose step does not split this way raise."""
+        raise NotImplementedError(f"{self.name}'s step is not an attack followed by a loss on its result")
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
+        """The step's training loss (train mode) on the clean batch and its adversarial input; see `perturb`."""
+        raise NotImplementedError(f"{self.name}'s step is not an attack followed by a loss on its result")
+
+    @classmethod
+    def splits(cls) -> bool:
+        """Whether the step is `loss_on(perturb(...))`, which adversarial weight perturbation (--awp) needs."""
+        return cls.perturb is not TrainingMethod.perturb and cls.loss_on is not TrainingMethod.loss_on
+
     def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
         """The training loss's cross-entropy (in float32) with the run's label smoothing. Every method's
         training CE goes through here: that is what the label-smoothing check of `__call__` looks for."""
@@ -268,12 +284,11 @@ def ce_training_loss(method: TrainingMethod, model: nn.Module, x: Tensor, y: Ten
     return loss
 
 
-def trades_step(method: TrainingMethod, model: nn.Module, x: Tensor, y: Tensor, init: Initializer, eps: float,
-                alpha: float, steps: int, beta: float, generator: torch.Generator | None,
-                stats: Stats | None) -> Tensor:
-    """One no-grad clean forward, K KL ascent steps from `init`, then the TRADES loss."""
+def trades_attack(method: TrainingMethod, model: nn.Module, x: Tensor, init: Initializer, alpha: float, steps: int,
+                  generator: torch.Generator | None, stats: Stats | None) -> Tensor:
+    """One no-grad clean forward, then K KL ascent steps from `init` in the method's norm ball: the TRADES point."""
     clean_log_probs = F.log_softmax(predict_eval(model, x).float(), dim=1)
-    attack = Perturbation(kl_loss, init, eps, alpha, steps, norm=method.norm)
+    attack = Perturbation(kl_loss, init, method.eps, alpha, steps, norm=method.norm)
     x_adv, start_kl = attack(model, x, clean_log_probs, generator)
     record(stats, attack_start_kl=start_kl)
-    return trades_loss(method, model, x, x_adv, y, beta, stats)
+    return x_adv

@@ -17,19 +17,7 @@ from torch import Tensor, nn
 from backsmooth.attacks import Perturbation, ce_loss, gaussian_init
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record
 from backsmooth.methods.registry import register
-
-
-def stage_drops(epochs: int, drops: dict[int, float]) -> str:
-    """A piecewise schedule string of lr multipliers that change at the start of given 1-based epochs, as the
-    authors' adjust_learning_rate (`if epoch >= E: lr = base * m`) applies them."""
-    points, current = ["0=1"], 1.0
-    for epoch, multiplier in sorted(drops.items()):
-        if epoch > epochs:
-            break
-        fraction = (epoch - 1) / epochs
-        points += [f"{fraction!r}={current:g}", f"{fraction!r}={multiplier:g}"]
-        current = multiplier
-    return "piecewise:" + ",".join([*points, f"1={current:g}"])
+from backsmooth.schedules import stage_drops
 
 
 @register
@@ -58,11 +46,19 @@ class MART(TrainingMethod):
     def floor_units(self) -> int:
         return 2 * self.steps + 6  # K input-gradient steps; clean and adversarial forwards and their backward
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
         attack = Perturbation(ce_loss, gaussian_init(0.001, self.norm), self.eps, self.alpha, self.steps,
                               norm=self.norm)
         x_adv, start_loss = attack(model, x, y, generator)
+        record(stats, attack_start_ce=start_loss)
+        return x_adv
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+        return self.loss_on(model, x, self.perturb(model, x, y, generator, stats), y, stats)
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
         logits_nat, logits_adv = model(x), model(x_adv)
         adv_probs = F.softmax(logits_adv.float(), dim=1)
         top_two = torch.argsort(adv_probs, dim=1)[:, -2:]
@@ -73,6 +69,6 @@ class MART(TrainingMethod):
         true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
         kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(1)  # KL(p || p') per example
         weighted_kl = (kl * (1.0000001 - true_probs)).mean()
-        record(stats, attack_start_ce=start_loss, ce=ce, boost=boost, kl=weighted_kl,
+        record(stats, ce=ce, boost=boost, kl=weighted_kl,
                accuracy=(logits_nat.argmax(1) == y).float(), adv_accuracy=(logits_adv.argmax(1) == y).float())
         return ce + boost + self.beta * weighted_kl

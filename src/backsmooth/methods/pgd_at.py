@@ -30,9 +30,16 @@ class PGDAT(TrainingMethod):
     def floor_units(self) -> int:
         return 2 * self.steps + 3  # K input-gradient steps, one training forward and backward
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
-                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
         attack = pgd(self.eps, self.alpha, self.steps, random_start=True, norm=self.norm)
         x_adv, start_loss = attack(model, x, y, generator)
         record(stats, attack_start_ce=start_loss)
+        return x_adv
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
         return ce_training_loss(self, model, x_adv, y, stats)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                 stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
+        return self.loss_on(model, x, self.perturb(model, x, y, generator, stats), y, stats)

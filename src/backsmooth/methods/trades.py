@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from backsmooth.attacks import ball_init, gaussian_init
-from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, trades_step
+from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, trades_attack, trades_loss
 from backsmooth.methods.registry import register
 
 
@@ -36,10 +36,16 @@ class TRADES(TrainingMethod):
     def floor_units(self) -> int:
         return 1 + 2 * self.steps + 6  # clean forward, K input-gradient steps, the TRADES loss
 
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
+        return trades_attack(self, model, x, gaussian_init(0.001, self.norm), self.alpha, self.steps, generator, stats)
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
+        return trades_loss(self, model, x, x_adv, y, self.beta, stats)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(self, model, x, y, gaussian_init(0.001, self.norm), self.eps, self.alpha, self.steps,
-                           self.beta, generator, stats)
+        return self.loss_on(model, x, self.perturb(model, x, y, generator, stats), y, stats)
 
 
 @register
@@ -60,7 +66,13 @@ class FastTRADES(TrainingMethod):
     def floor_units(self) -> int:
         return 1 + 2 + 6  # clean forward, one input-gradient step, the TRADES loss
 
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
+                stats: Stats | None = None) -> Tensor:
+        return trades_attack(self, model, x, ball_init(self.norm), self.alpha, 1, generator, stats)
+
+    def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
+        return trades_loss(self, model, x, x_adv, y, self.beta, stats)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None,
                  stats: Stats | None = None, context: StepContext | None = None) -> Tensor:
-        return trades_step(self, model, x, y, ball_init(self.norm), self.eps, self.alpha, 1, self.beta, generator,
-                           stats)
+        return self.loss_on(model, x, self.perturb(model, x, y, generator, stats), y, stats)

@@ -17,6 +17,7 @@ from backsmooth.errors import ConfigError
 from backsmooth.methods import TrainingMethod
 from backsmooth.runtime import Runtime
 from backsmooth.training.averaging import WeightAverage
+from backsmooth.training.awp import WeightPerturbation
 
 
 @dataclasses.dataclass
@@ -32,6 +33,7 @@ class Parts:
     generator: torch.Generator
     loader: DeviceLoader | None = None
     average: WeightAverage | None = None
+    awp: WeightPerturbation | None = None  # --awp: adversarial weight perturbation around the method's step
 
     @property
     def eval_net(self) -> nn.Module:
@@ -90,7 +92,8 @@ def build_parts(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> Par
     # attack noise differs per rank (Backward Smoothing's xi must not repeat across shards)
     generator = torch.Generator(runtime.device).manual_seed(config.seed + 1_000_003 * runtime.proc.rank)
     average = WeightAverage(net, config.weight_averaging) if config.weight_averaging else None
-    return Parts(net, model, method, optimizer, scaler, generator, loader, average)
+    awp = WeightPerturbation(net, config.awp, config.awp_warmup, runtime.proc) if config.awp else None
+    return Parts(net, model, method, optimizer, scaler, generator, loader, average, awp)
 
 
 def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tuple[nn.Module, nn.Module]:

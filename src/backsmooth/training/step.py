@@ -15,20 +15,31 @@ def training_step(parts: Parts, x: Tensor, y: Tensor, runtime: Runtime, *, conte
 
     No host synchronisation unless `skip_nonfinite` (which must inspect the loss).
     """
-    method, optimizer, scaler = parts.method, parts.optimizer, parts.scaler
+    method, optimizer, scaler, awp = parts.method, parts.optimizer, parts.scaler, parts.awp
     x = runtime.layout(x)
     extra = {"context": context} if method.takes_context() else {}
+    perturbing = awp is not None and awp.active(context.epoch if context is not None else 0)
     for _ in range(method.replays):
         stats: dict[str, Tensor] = {}
         with runtime.autocast():
-            loss = method(parts.model, x, y, generator=parts.generator, stats=stats, **extra)
+            if perturbing:  # --awp: the attack, the weights moved against the loss on it, then that loss
+                x_adv = method.perturb(parts.model, x, y, parts.generator, stats)
+                direction = awp.direction(parts.net, method, x, x_adv, y)
+                awp.add(parts.net, direction, +1.0)
+                loss = method.loss_on(parts.model, x, x_adv, y, stats)
+            else:
+                loss = method(parts.model, x, y, generator=parts.generator, stats=stats, **extra)
         if skip_nonfinite and not loss.isfinite():
+            if perturbing:
+                awp.add(parts.net, direction, -1.0)
             return None
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         method.after_backward()
         scaler.step(optimizer)
         scaler.update()
+        if perturbing:  # the step was taken at w + gamma v; the perturbation itself is not kept
+            awp.add(parts.net, direction, -1.0)
         if parts.average is not None:  # weight averaging: after every optimiser step
             parts.average.update(parts.net)
     stats["loss"] = loss.detach().float()
