@@ -209,3 +209,83 @@ def test_awp_presets_are_the_authors_runs():
     steps = 10  # per epoch
     lr = {epoch: learning_rate(trades["schedule"], 0.1, (epoch - 1) * steps, 200 * steps) for epoch in (99, 100, 150)}
     assert lr == pytest.approx({99: 0.1, 100: 0.01, 150: 0.001})  # `if epoch >= 100` / `>= 150`, epochs from 1
+
+
+# --------------------------------------------------------------------------- LIET (fzjcdt/FastAT_Benchmark)
+
+
+def authors_liet_criterion(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """fzjcdt/FastAT_Benchmark, fast_at/liet.py, `_get_custom_loss`'s CustomCrossEntropyLoss.forward (mean)."""
+    smooth_labels = torch.zeros_like(logits).scatter_(1, target.unsqueeze(1), 1.0)
+    if label_smoothing > 0:
+        smooth_labels = smooth_labels * (1 - label_smoothing)
+        rand_labels = torch.rand_like(smooth_labels) * label_smoothing
+        mask = smooth_labels.bool()
+        rand_labels = rand_labels.masked_fill_(mask, 0)
+        rand_labels_sum = rand_labels.sum(dim=1, keepdim=True)
+        rand_labels = rand_labels / rand_labels_sum * label_smoothing
+        smooth_labels += rand_labels
+    log_probs = F.log_softmax(logits, dim=-1)
+    return (-smooth_labels * log_probs).sum(dim=-1).mean()
+
+
+def authors_liet_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, cur_lambda: float,
+                      class_num: int = 10, label_smoothing: float = 0.6, min_mask_ratio: float = 0.1,
+                      max_mask_ratio: float = 0.5) -> torch.Tensor:
+    """fzjcdt/FastAT_Benchmark, fast_at/liet.py, `LIET.train`: the body of the batch loop at idx % li_update == 0
+    (LI recomputed), up to the loss; torch's global generator draws, as there."""
+    model.eval()
+    constant_input = torch.full((class_num, *images.shape[1:]), 0.5)
+    constant_input.requires_grad_(True)
+    sequential_labels = torch.arange(class_num)
+    output = model(constant_input)
+    loss = authors_liet_criterion(output, sequential_labels, label_smoothing)
+    loss.backward()
+    li = eps * torch.sign(constant_input.grad).detach()
+    model.train()
+    delta = li[labels].clone()
+    bonulli_idx = torch.rand_like(images)
+    if eps > 8 / 255:
+        uniform_noise = torch.zeros_like(images).uniform_(-2 * eps, 2 * eps)
+    else:
+        uniform_noise = torch.zeros_like(images).uniform_(-eps, eps)
+    mask_ratio = torch.rand(1).item() * (max_mask_ratio - min_mask_ratio) + min_mask_ratio
+    delta[bonulli_idx < mask_ratio] = uniform_noise[bonulli_idx < mask_ratio]
+    if torch.rand(1) < 0.5:
+        adv_images = torch.clamp(images.clone() - delta, 0, 1).detach()
+    else:
+        adv_images = torch.clamp(images.clone() + delta, 0, 1).detach()
+    adv_images = adv_images.detach().requires_grad_(True)
+    ori_output = model(adv_images)
+    ori_loss = authors_liet_criterion(ori_output, labels, label_smoothing)
+    ori_loss.backward(retain_graph=True)
+    delta = eps * adv_images.grad.sign().detach()
+    adv_images = adv_images + delta
+    if eps > 8 / 255:
+        adv_images = torch.clamp(adv_images, min=0, max=1).detach()
+    else:
+        delta = torch.clamp(adv_images - images, min=-eps, max=eps)
+        adv_images = torch.clamp(images + delta, min=0, max=1).detach()
+    output = model(adv_images)
+    loss1 = authors_liet_criterion(output, labels, label_smoothing)
+    p = F.softmax(ori_output, dim=1)
+    q = F.softmax(output, dim=1)
+    m = torch.clamp((p + q) / 2.0, 0, 1).log()
+    loss2 = cur_lambda * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean")) / 2
+    return loss1 + loss2
+
+
+def test_liet_is_the_benchmarks_liet_step():
+    from backsmooth.methods import StepContext
+    x, y = batch()
+    for eps in (EPS, 16 / 255):  # both of its branches: projected onto the eps-ball, and box only
+        for seed in (1, 2, 3):  # the coin: both signs of the start
+            ours, theirs = tiny_model().train(), tiny_model().train()
+            method = methods.build("liet", eps=eps)
+            our_loss = method(ours, x, y, generator=torch.Generator().manual_seed(seed),
+                              context=StepContext(epoch=0, epochs=10))
+            torch.manual_seed(seed)
+            their_loss = authors_liet_step(theirs, x, y, eps, cur_lambda=0 + 100 / 10)
+            ours.zero_grad()
+            theirs.zero_grad()  # their LI and x_0 backwards also filled parameter gradients; the loop zeroes them
+            _compare(ours, theirs, our_loss, their_loss)

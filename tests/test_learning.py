@@ -38,13 +38,13 @@ def test_backward_smoothing_is_close_to_trades(results):
     assert results["backward_smoothing"]["clean_acc"] > 0.9
 
 
-NEW_METHODS = ("n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at", "mart")
+NEW_METHODS = ("n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at", "mart", "liet")
 
 
 @pytest.fixture(scope="module")
 def new_results(tmp_path_factory, results):
     """Each of today's efficient methods, and MART, with its CPU preset for 8 epochs; Free-AT with the preset's
-    epochs / m (4 epochs of 8 replays). Seen here: 82-91% PGD-20 (MART 85.5%), natural 66%."""
+    epochs / m (4 epochs of 8 replays). Seen here: 82-91% PGD-20 (MART 85.5%, LIET 84.4%), natural 66%."""
     base = tmp_path_factory.mktemp("learning-new")
     summaries = {}
     for method in NEW_METHODS:

@@ -1,7 +1,7 @@
 """Methods with state (FGSM-PGI's per-example memory, ELLE-A's error statistics, Free-AT's carried
-perturbation), the newest method (MART) and TRADES with adversarial weight perturbation (--awp): a SIGKILL at
-any moment and --resume give weights bitwise equal to an uninterrupted run, and under torchrun (2 CPU processes,
-gloo) a run equals one process with the same global batch.
+perturbation, LIET's label-informed perturbation), the newest method (MART) and TRADES with adversarial weight
+perturbation (--awp): a SIGKILL at any moment and --resume give weights bitwise equal to an uninterrupted run,
+and under torchrun (2 CPU processes, gloo) a run equals one process with the same global batch.
 
 As in test_distributed.py, exact equality across process counts needs a batch-independent model
 (small_cnn_gn: GroupNorm), since BatchNorm statistics are per process without SyncBatchNorm."""
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-STATEFUL = ("fgsm_pgi", "elle_a", "free_at")
+STATEFUL = ("fgsm_pgi", "elle_a", "free_at", "liet")
 
 
 def env() -> dict[str, str]:

@@ -24,8 +24,9 @@ from backsmooth.methods.fgsm_pgi import FGSMPGI
 from backsmooth.methods.elle import ELLE, ELLEA
 from backsmooth.methods.free_at import FreeAT
 from backsmooth.methods.mart import MART
+from backsmooth.methods.liet import LIET
 
 __all__ = ["build", "names", "method_class", "options", "register", "takers", "hyperparameter", "Option", "Stats",
            "StepContext",
            "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES", "PGDAT", "FGSMRS", "GradAlign", "Natural",
-           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT", "MART"]
+           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT", "MART", "LIET"]
