@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--norm", default="linf", help="threat model of the methods' attacks: linf or l2; at l2 only the methods "
                                        "with an L2 form run (default: %(default)s)")
     add("--eps", default="8/255", help="radius of the methods' attacks, e.g. 0.5 at l2 (default: %(default)s)")
+    add("--awp", type=float, default=0.0, help="adversarial weight perturbation of this size around each step; only "
+                                                "the methods it applies to run (default: 0, off)")
     add("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: %(default)s)")
     add("--precision", default="fp32", choices=PRECISIONS, help="training precision (default: %(default)s)")
     add("--channels-last", action="store_true", help="channels-last memory format (default: off)")
@@ -40,11 +42,13 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.epoch_images < 0:
         raise ConfigError("--warmup and --epoch-images must be >= 0")
+    if not 0 <= args.awp < float("inf"):
+        raise ConfigError(f"--awp must be a finite number >= 0 (0: off), got {args.awp}")
     _check_sizes(args)
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
     setup = BenchSetup(args.arch, args.batch_size, (args.channels, args.image_size, args.image_size),
                        args.num_classes, parse_number(args.eps, "--eps"), args.compile, args.warmup, args.repeats,
-                       args.steps, args.epoch_images, norm=norm_name(args.norm))
+                       args.steps, args.epoch_images, norm=norm_name(args.norm), awp=args.awp)
     runtime = Runtime(resolve_device(args.device), args.precision, args.channels_last)
     result = run_benchmark(setup, names, runtime)
     print(bench_table(result))

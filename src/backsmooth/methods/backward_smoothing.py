@@ -38,6 +38,7 @@ def backward_smoothing_start(model: nn.Module, x: Tensor, gamma: float, alpha: f
 class BackwardSmoothing(TrainingMethod):
     name = "backward_smoothing"
     summary = "the paper's method: TRADES robustness at about 0.4 of TRADES-10's cost; start here"
+    loss_forwards = 2  # the clean and the adversarial forward of its loss
     single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
     norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255

@@ -93,6 +93,7 @@ class TrainingMethod:
     paper_settings: ClassVar[dict[str, Any]] = {}
     paper_arch_settings: ClassVar[dict[str, dict[str, Any]]] = {}  # per architecture, over paper_settings
     paper_arch: ClassVar[str | None] = None
+    loss_forwards: ClassVar[int] = 1  # train-mode forwards in `loss_on` (the TRADES family and MART: 2)
     small_scale_options: ClassVar[dict[str, Any]] = {}  # option values the CPU presets need (see presets.py)
     # False: the method sets its own training targets (FGSM-PGI's soft labels) and refuses --label-smoothing > 0
     label_smoothing_applies: ClassVar[bool] = True
@@ -130,6 +131,11 @@ class TrainingMethod:
     def loss_on(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, stats: Stats | None = None) -> Tensor:
         """The step's training loss (train mode) on the clean batch and its adversarial input; see `perturb`."""
         raise NotImplementedError(f"{self.name}'s step is not an attack followed by a loss on its result")
+
+    def awp_units(self) -> int | None:
+        """F that --awp adds to a step: its proxy computes `loss_on` and its backward once more, 3F for each of
+        the train-mode forwards `loss_forwards` declares (None for a method that does not split)."""
+        return 3 * self.loss_forwards if self.splits() else None
 
     @classmethod
     def splits(cls) -> bool:

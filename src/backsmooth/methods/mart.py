@@ -26,6 +26,7 @@ class MART(TrainingMethod):
     name = "mart"
     summary = ("MART: PGD-K with the boosted CE on the adversarial input plus beta KL weighted towards "
                "misclassified examples; a TRADES-cost reference")
+    loss_forwards = 2  # the clean and the adversarial forward of its loss
     single_step_attack = False  # a multi-step attack (the collapse guard logs, does not decide)
     # the authors' ResNet-18 script (train_resnet.py): 120 epochs, lr 0.01 x0.1 at epochs 75, 90 and 100,
     # weight decay 3.5e-3, beta 5; their WRN-34-10 script: 76 epochs, lr 0.1 x0.1 at 75, weight decay 2e-4, beta 6

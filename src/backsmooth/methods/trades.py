@@ -19,6 +19,7 @@ from backsmooth.methods.registry import register
 class TRADES(TrainingMethod):
     name = "trades"
     summary = "TRADES-K: the accuracy/robustness trade-off loss with a K-step KL attack; the quality reference"
+    loss_forwards = 2  # the clean and the adversarial forward of its loss
     single_step_attack = False  # KL steps (the collapse guard logs, does not decide)
     norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255
@@ -53,6 +54,7 @@ class TRADES(TrainingMethod):
 class FastTRADES(TrainingMethod):
     name = "fast_trades"
     summary = "TRADES with one KL step from a uniform random start; fast, less stable than Backward Smoothing"
+    loss_forwards = 2  # the clean and the adversarial forward of its loss
     single_step_attack = False  # a KL step (the collapse guard logs, does not decide)
     norms = ("linf", "l2")  # the L2 form: the norm's step, start and projection (docs/algorithms.md)
     eps: float = 8 / 255

@@ -44,12 +44,14 @@ def data_facts(config: RunConfig) -> DataFacts:
 
 
 def step_units(config: RunConfig) -> int:
-    """F per example of one training batch: the method's floor for each replay; for a method whose
-    `floor_units()` is None (unknown), the passes of one step counted by `counted_units`."""
+    """F per example of one training batch: the method's floor (plus --awp's proxy step) for each replay; for a
+    method whose `floor_units()` is None (unknown), the passes of one step counted by `counted_units`."""
     method = methods.build(config.method, **config.method_hyperparameters())
     floor = method.floor_units()
     if floor is None:
         floor = counted_units(config.method, tuple(sorted(config.method_hyperparameters().items())))
+    if config.awp:  # --awp's proxy step: the method's loss and its backward once more
+        floor += method.awp_units() or 0
     return floor * method.replays
 
 

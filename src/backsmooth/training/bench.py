@@ -11,6 +11,7 @@ of the paper can be read off one table.
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,9 +20,11 @@ from torch import Tensor, nn
 
 from backsmooth import methods, models
 from backsmooth.data import ArrayDataset, DeviceLoader
+from backsmooth.errors import ConfigError
 from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod
 from backsmooth.runtime import Runtime, device_name, resolve_device, synchronize
+from backsmooth.training.awp import WeightPerturbation
 from backsmooth.training.setup import Parts
 from backsmooth.training.step import training_step
 from backsmooth.units import threat_model_text
@@ -73,9 +76,19 @@ class PassCount:
         return self.clean_forward + 2 * self.input_gradient + 3 * self.training + 5 * self.double_backprop
 
 
-def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor) -> PassCount:
+def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, awp: bool = False) -> PassCount:
     """Classify every forward call of one training step with a pre-hook, in units of the batch (a forward
-    of 3B images counts three times). A method with several replays per batch (Free-AT) makes one."""
+    of 3B images counts three times). A method with several replays per batch (Free-AT) makes one. With `awp`,
+    the passes of --awp's proxy step (the method's loss on the batch, on a copy of the model) are added."""
+    counts = _count(model, method, x, lambda: method(model, x, y, generator=torch.Generator(x.device).manual_seed(0)))
+    if awp:
+        extra = _count(model, method, x, lambda: method.loss_on(model, x, x, y))
+        counts = PassCount(*(a + b for a, b in zip(dataclasses.astuple(counts), dataclasses.astuple(extra))))
+    return counts
+
+
+def _count(model: nn.Module, method: TrainingMethod, x: Tensor, loss: Callable[[], Tensor]) -> PassCount:
+    """The forward calls made while `loss()` is computed and differentiated, classified by their backward cost."""
     counts = PassCount()
 
     def hook(module: nn.Module, args: Any) -> None:
@@ -93,7 +106,7 @@ def count_passes(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor)
 
     handle = model.register_forward_pre_hook(hook)
     try:
-        method(model, x, y, generator=torch.Generator(x.device).manual_seed(0)).backward()
+        loss().backward()
     finally:
         handle.remove()
     model.zero_grad(set_to_none=True)
@@ -114,12 +127,14 @@ def default_names(norm: str) -> tuple[str, ...]:
 
 
 def time_steps(model: nn.Module, method: TrainingMethod, x: Tensor, y: Tensor, runtime: Runtime, warmup: int,
-               repeats: int, steps: int) -> list[float]:
-    """Seconds per step for each repetition (each the mean of `steps` steps), after `warmup` steps."""
+               repeats: int, steps: int, awp: float = 0.0) -> list[float]:
+    """Seconds per step for each repetition (each the mean of `steps` steps), after `warmup` steps; with `awp`,
+    steps with adversarial weight perturbation of that size."""
     device = runtime.device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16")
-    parts = Parts(model, model, method, optimizer, scaler, torch.Generator(device).manual_seed(0))
+    perturbation = WeightPerturbation(model, awp, 0, runtime.proc) if awp else None
+    parts = Parts(model, model, method, optimizer, scaler, torch.Generator(device).manual_seed(0), awp=perturbation)
 
     def step() -> None:
         training_step(parts, x, y, runtime)
@@ -176,6 +191,7 @@ class BenchSetup:
     epoch_images: int = 50_000  # images of the data-pipeline epoch (0: skip it)
     seed: int = 0
     norm: str = "linf"  # the threat model the methods attack in
+    awp: float = 0.0  # adversarial weight perturbation around each method's step (0: off)
 
 
 def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...] = (),
@@ -185,8 +201,12 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
     runtime = runtime or Runtime(resolve_device("cpu"))
     dev, precision, channels_last = runtime.device, runtime.precision, runtime.channels_last
     batch_size, image_shape, num_classes = setup.batch_size, setup.image_shape, setup.num_classes
-    names = method_names or default_names(setup.norm)
+    names = method_names or tuple(n for n in default_names(setup.norm)
+                                  if not setup.awp or (n != REFERENCE and methods.method_class(n).splits()))
     built = {name: _method(name, setup.eps, setup.norm) for name in names}  # unknown names fail here, before any timing
+    for name, method in built.items():
+        if setup.awp and method.awp_units() is None:
+            raise ConfigError(f"--awp needs methods whose step is an attack then a loss on it; {name} is not one")
     generator = torch.Generator().manual_seed(setup.seed)
     x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
@@ -197,16 +217,18 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         method = built[name]
-        passes = count_passes(net, method, x, y)
+        passes = count_passes(net, method, x, y, awp=bool(setup.awp))
+        floor = method.floor_units()
+        floor = floor + method.awp_units() if setup.awp and floor is not None else floor
         model = torch.compile(net) if setup.compile else net
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        times = time_steps(model, method, x, y, runtime, setup.warmup, setup.repeats, setup.steps)
+        times = time_steps(model, method, x, y, runtime, setup.warmup, setup.repeats, setup.steps, setup.awp)
         median = statistics.median(times)
         rows.append({
             "method": name, "seconds_per_step": median, "seconds_per_repeat": times,
             "images_per_second": batch_size / median,
-            "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": method.floor_units(),
+            "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": floor,
             "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         })
     by_name = {row["method"]: row for row in rows}
@@ -216,7 +238,7 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
                 row[f"ratio_to_{reference}"] = row["seconds_per_step"] / by_name[reference]["seconds_per_step"]
     result: dict[str, Any] = {
         "arch": setup.arch, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
-        "eps": setup.eps, "norm": setup.norm, "device": str(dev), "device_name": device_name(dev),
+        "eps": setup.eps, "norm": setup.norm, "awp": setup.awp, "device": str(dev), "device_name": device_name(dev),
         "precision": precision,
         "channels_last": channels_last, "compile": setup.compile, "warmup": setup.warmup, "repeats": setup.repeats,
         "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
@@ -237,7 +259,8 @@ def bench_table(result: dict[str, Any]) -> str:
     lines = [f"{result['arch']}, batch {result['batch_size']}, {'x'.join(map(str, result['image_shape']))}, "
              f"{threat_model_text(result.get('norm', 'linf'), result['eps'])}, {result['device_name']}, "
              f"{result['precision']}"
-             f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}",
+             f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}"
+             + (f", AWP gamma {result['awp']:g} (its proxy step in F and floor)" if result.get("awp") else ""),
              f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x FGSM-RS':>9} {'x TRADES-10':>11} "
              f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
     for row in result["rows"]:
