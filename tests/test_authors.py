@@ -289,3 +289,13 @@ def test_liet_is_the_benchmarks_liet_step():
             ours.zero_grad()
             theirs.zero_grad()  # their LI and x_0 backwards also filled parameter gradients; the loop zeroes them
             _compare(ours, theirs, our_loss, their_loss)
+
+
+@pytest.mark.parametrize("name", [n for n in methods.names() if methods.method_class(n).splits()])
+def test_awp_pass_counts_equal_the_floor_plus_the_proxy_step(name):
+    from backsmooth import models
+    from backsmooth.training.bench import count_passes
+    model = models.build("small_cnn", 10)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    method = methods.build(name)
+    assert count_passes(model, method, x, y, awp=True).f_units == method.floor_units() + method.awp_units()
