@@ -40,15 +40,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         if "Weights only load failed" in str(exc):
             raise CheckpointError(f"refusing {path}: it needs arbitrary code to unpickle "
                                   f"(not a weights-only checkpoint); load only files you trust") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first_line(exc)})") from None
     except Exception as exc:  # torch raises many types for damaged files (RuntimeError, EOFError, IndexError...)
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type name when it has no text), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -117,7 +118,7 @@ def _load_exported(folder: Path, device: torch.device | str) -> tuple[torch.nn.M
     try:
         config = json.loads((folder / EXPORT_CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / EXPORT_CONFIG} is missing or not JSON ({_first_line(exc)}); "
+        raise CheckpointError(f"{folder / EXPORT_CONFIG} is missing or not JSON ({first_line(exc)}); "
                               f"export the run again") from None
     if not isinstance(config, dict) or config.get("library") != "backsmooth" or "checkpoint" not in config:
         raise CheckpointError(f"{folder / EXPORT_CONFIG} was not written by `backsmooth export`")
@@ -127,7 +128,7 @@ def _load_exported(folder: Path, device: torch.device | str) -> tuple[torch.nn.M
     try:
         state = load_file(weights)
     except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated ({_first_line(exc)})") from None
+        raise CheckpointError(f"{weights} is corrupt or truncated ({first_line(exc)})") from None
     meta = dict(config["checkpoint"])
     model = models.build(meta["arch"], meta["num_classes"], in_channels=meta["in_channels"])
     load_state_into(model, state, str(weights))

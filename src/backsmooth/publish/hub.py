@@ -8,7 +8,7 @@ from types import ModuleType
 
 from torch import nn
 
-from backsmooth.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, load_model
+from backsmooth.checkpoint import EXPORT_CONFIG, EXPORT_WEIGHTS, first_line, load_model
 from backsmooth.errors import ConfigError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -22,11 +22,6 @@ def _hub() -> ModuleType:
     return huggingface_hub
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def is_hub_id(source: str | Path) -> bool:
     """'owner/name' that names no local file or folder."""
     return not Path(source).exists() and HUB_ID.fullmatch(str(source)) is not None
@@ -38,7 +33,7 @@ def download(repo_id: str) -> Path:
     try:
         return Path(hub.snapshot_download(repo_id, allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, "README.md"]))
     except Exception as exc:  # the library raises many types for network, HTTP and cache errors
-        raise ConfigError(f"could not download {repo_id} from the Hugging Face Hub ({_first_line(exc)}); check the "
+        raise ConfigError(f"could not download {repo_id} from the Hugging Face Hub ({first_line(exc)}); check the "
                           f"id and the network, or give a local folder") from None
 
 
@@ -64,6 +59,6 @@ def push(folder: str | Path, repo_id: str, private: bool = False) -> str:
         url = api.create_repo(repo_id, exist_ok=True, private=private)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="backsmooth export")
     except Exception as exc:  # network, HTTP and permission errors come as many types
-        raise ConfigError(f"could not push {folder} to the Hub repository {repo_id} ({_first_line(exc)}); the "
+        raise ConfigError(f"could not push {folder} to the Hub repository {repo_id} ({first_line(exc)}); the "
                           f"export in {folder} is complete") from None
     return str(url)
