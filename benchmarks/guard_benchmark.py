@@ -8,12 +8,13 @@ Each run is labelled twice, independently of the guard:
 - by its final model on the test set (the study's FGSM and PGD-20 evaluation of last.pt, shown per run):
   "gap at the end" when PGD-20 keeps less than a quarter of the accuracy FGSM leaves, with FGSM accuracy at
   least 20%. A run that ends near chance has no gap by this measure: read its clean accuracy too.
-The summary counts by design: a guard event on a healthy-by-design run is a false alarm unless its final
-model says otherwise (the per-run table shows which); on a collapsing one a detection.
+The summary counts by design, and splits the healthy-by-design runs by their final model: a guard event on
+a healthy-by-design run without a gap at the end is a false alarm; on one that ended with the gap, or on a
+collapsing-by-design run, a detection.
 The guard's decision is a function of each check's logged counts, so it is computed here from them with the
 rule as it stands (backsmooth.training.guard, the run's --collapse-fraction, and whether the method's own
 attack is a single CE step): runs logged by an earlier version of the thresholds are judged by the current
-one. A guard event on a healthy run is a false alarm; on a collapsing run a detection. The delay of a
+one. The delay of a
 detection is counted from the onset, the first check after which the guard's own PGD accuracy stays below
 half of the highest it read before (the first check for a run that was never robust), to the event.
 Writes the Markdown table to stdout and every run's row to guard_benchmark.json in the current folder;
@@ -51,8 +52,8 @@ def onset(checks: list[dict]) -> dict | None:
 def first_event(checks: list[dict], keep: float, decides: bool) -> dict | None:
     """The check at which the guard records a collapse: CONSECUTIVE signatures in a row (deciding methods)."""
     for check in checks:
-        check["recomputed_signature"] = signature(*exact_tests(check["single"], check["kept"], check["up"],
-                                                               check["down"], keep))
+        check["recomputed_signature"] = signature(*exact_tests(check["clean"], check["single"], check["kept"],
+                                                               check["up"], check["down"], keep))
     below = 0
     for check in checks:
         below = below + 1 if check["recomputed_signature"] else 0
@@ -89,8 +90,11 @@ def table(rows: list[dict]) -> str:
     lines = ["| set | runs | guard events | rate | event minus onset, steps / epochs (negative: before the fall) |",
              "|---|---|---|---|---|"]
     deciding = [r for r in rows if r["decides"]]
-    for label, chosen in (("healthy by design, single-step (guard decides)",
-                           [r for r in deciding if not r["designed_collapse"]]),
+    healthy = [r for r in deciding if not r["designed_collapse"]]
+    for label, chosen in (("healthy by design and without a gap at the end, single-step (guard decides)",
+                           [r for r in healthy if not r["final_collapsed"]]),
+                          ("healthy by design but with a gap at the end (guard decides)",
+                           [r for r in healthy if r["final_collapsed"]]),
                           ("collapsing by design (guard decides)", [r for r in deciding if r["designed_collapse"]]),
                           ("PGD-AT and TRADES family (guard logs only)", [r for r in rows if not r["decides"]])):
         fired = [r for r in chosen if r["event_step"] is not None]

@@ -21,7 +21,7 @@ from backsmooth.schedules import learning_rate
 from backsmooth.training import train
 from backsmooth.training import trainer as trainer_module
 from backsmooth.training.averaging import WeightAverage, decay_at
-from backsmooth.training.guard import CollapseGuard, GuardState, evidence
+from backsmooth.training.guard import CollapseGuard, GuardState, evidence, exact_tests
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -146,21 +146,26 @@ def _first(n: int, ones: int) -> torch.Tensor:
     return flags
 
 
-def test_guard_evidence_is_counts_and_two_exact_tests_checkable_by_hand():
+def test_guard_evidence_is_counts_and_three_exact_tests_checkable_by_hand():
     n = 100
-    clean, single = _first(n, 80), _first(n, 60)  # 60 images correct clean and under FGSM
+    clean, single = _first(n, 80), _first(n, 60)  # 60 of the 80 clean-correct images correct under FGSM too
     reference = _first(n, 0) | (torch.arange(n) >= 95)  # 5 gap images at the reference, outside S now
     found = evidence(clean, single, _first(n, 3), reference, keep=0.25)  # PGD keeps 3 of the 60
-    assert (found.single, found.kept, found.multi, found.up, found.down) == (60, 3, 3, 57, 5)
+    assert (found.clean, found.single, found.kept, found.multi, found.up, found.down) == (80, 60, 3, 3, 57, 5)
+    assert found.p_hold == pytest.approx(sum(math.comb(80, k) for k in range(60, 81)) / 2 ** 80)
     assert found.p_keep == pytest.approx(sum(math.comb(60, k) * 0.25 ** k * 0.75 ** (60 - k) for k in range(4)))
     assert found.p_grow == pytest.approx(sum(math.comb(62, k) for k in range(57, 63)) / 2 ** 62)
-    assert found.signature
+    assert found.signature and exact_tests(80, 60, 3, 57, 5, 0.25) == (found.p_hold, found.p_keep, found.p_grow)
     borderline = evidence(clean, single, _first(n, 6), reference, keep=0.25)  # 6 of 60: p_keep 0.0031, not enough
     assert 0.001 < borderline.p_keep < 0.01 and not borderline.signature
     healthy = evidence(clean, single, _first(n, 45), reference, keep=0.25)  # PGD keeps 45 of 60: no signature
     assert healthy.kept == 45 and healthy.p_keep > 0.5 and not healthy.signature
     weak = evidence(clean, _first(n, 8), _first(n, 0), None, keep=0.25)  # too few FGSM-correct images to judge
     assert weak.p_keep == pytest.approx(0.75 ** 8) and not weak.signature
+    # FGSM breaks most clean-correct images (35 of 80 survive): not yet robust, not overfitted to FGSM, though PGD
+    # keeps none of them and the gap grew
+    early = evidence(clean, _first(n, 35), _first(n, 0), None, keep=0.25)
+    assert early.p_keep < 1e-3 and early.p_grow < 1e-3 and early.p_hold > 0.5 and not early.signature
 
 
 def scripted_measure(trace: list[tuple[int, int, int]], n: int = 200):
@@ -183,16 +188,18 @@ def guard_decisions(monkeypatch, trace: list[tuple[int, int, int]], decides: boo
 
 
 def test_guard_flags_a_run_that_is_never_robust_while_fgsm_accuracy_rises(monkeypatch):
-    # PGD accuracy stays at zero; FGSM accuracy rises from 5 to 150 of 200: the gap grows from the reference
-    decisions = guard_decisions(monkeypatch, [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 100, 0), (180, 150, 0)])
-    assert decisions[:2] == [None, None]  # 5 FGSM-correct images: too few; 40: the first signature
-    assert decisions[2]["step"] == 3 and decisions[2]["guard_pgd_acc"] == 0 and decisions[2]["guard_fgsm_acc"] == 0.5
-    assert decisions[3] is None  # it fires once
+    # PGD accuracy stays at zero; FGSM accuracy rises from 5 to 170 of 200: the gap grows from the reference
+    trace = [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 120, 0), (180, 150, 0), (190, 170, 0)]
+    decisions = guard_decisions(monkeypatch, trace)
+    # 5 FGSM-correct images: too few; 40 of 120: FGSM breaks most, not yet robust; 120 of 160: the first signature
+    assert decisions[:3] == [None, None, None]
+    assert decisions[3]["step"] == 4 and decisions[3]["guard_pgd_acc"] == 0 and decisions[3]["guard_fgsm_acc"] == 0.75
+    assert decisions[4] is None  # it fires once
 
 
 def test_guard_logs_but_records_nothing_for_methods_whose_attack_is_not_one_ce_step(monkeypatch):
-    trace = [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 100, 0), (180, 150, 0)]
-    assert guard_decisions(monkeypatch, trace, decides=False) == [None] * 4
+    trace = [(20, 2, 0), (60, 5, 0), (120, 40, 0), (160, 120, 0), (180, 150, 0), (190, 170, 0)]
+    assert guard_decisions(monkeypatch, trace, decides=False) == [None] * 5
     assert not methods.method_class("backward_smoothing").single_step_attack
     assert methods.method_class("fgsm_rs").single_step_attack
 

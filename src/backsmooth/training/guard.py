@@ -6,10 +6,13 @@ the same images that grows as the collapse proceeds. Every `every` optimiser ste
 epoch) after the first quarter epoch, and once before training (the reference of a model that has learnt
 nothing), the guard classifies one fixed batch of up to GUARD_EXAMPLES held-out validation images three ways,
 in eval mode: clean, under FGSM (one step of eps from the clean image), and under PGD-GUARD_STEPS (step eps/4,
-random start, fixed seed). With S the images correct clean and under FGSM, K those of S that PGD leaves
-correct, and G = S minus K the gap, a check shows the signature when both exact one-sided tests reject at
-ALPHA:
+random start, fixed seed). With C the images correct clean, S those of C correct under FGSM too, K those of
+S that PGD leaves correct, and G = S minus K the gap, a check shows the signature when three exact one-sided
+tests reject at ALPHA:
 
+- FGSM holds: P(Binomial(|C|, HOLD) >= |S|) < ALPHA, HOLD = 1/2 (the model looks robust to the single step:
+  FGSM breaks fewer than half of the clean-correct images; an early model at a large eps, which FGSM and
+  PGD both break, is not yet robust rather than overfitted to FGSM);
 - PGD keeps too few: P(Binomial(|S|, q) <= |K|) < ALPHA, q = --collapse-fraction (a healthy model keeps
   most of what FGSM leaves correct; a collapsed one almost none);
 - the gap grew: McNemar's exact test on the same images between this check's gap flags and those of the
@@ -45,6 +48,7 @@ from backsmooth.evaluation.checks import binomial_tail
 GUARD_EXAMPLES = 256
 GUARD_STEPS = 10
 ALPHA = 1e-3
+HOLD = 0.5  # FGSM holds: it leaves more than this fraction of the clean-correct images correct
 CONSECUTIVE = 2
 GUARD_START = 4  # checks begin after 1 / GUARD_START of the first epoch
 CHECKS_PER_EPOCH = 10  # the default interval (--collapse-every -1): a tenth of an epoch, at least 10 steps
@@ -77,23 +81,25 @@ class Evidence:
     multi: int  # correct clean and under PGD
     up: int  # in the gap now, not at the reference
     down: int  # in the gap at the reference, not now
+    p_hold: float
     p_keep: float
     p_grow: float
 
     @property
     def signature(self) -> bool:
-        return signature(self.p_keep, self.p_grow)
+        return signature(self.p_hold, self.p_keep, self.p_grow)
 
 
-def exact_tests(single: int, kept: int, up: int, down: int, keep: float) -> tuple[float, float]:
-    """(p_keep, p_grow) from the counts of a check (see the module docstring): the whole decision is a function
-    of these four numbers, so a logged check can be judged again by hand or by a script."""
-    return 1.0 - binomial_tail(kept + 1, single, keep), binomial_tail(up, up + down, 0.5)
+def exact_tests(clean: int, single: int, kept: int, up: int, down: int, keep: float) -> tuple[float, float, float]:
+    """(p_hold, p_keep, p_grow) from the counts of a check (see the module docstring): the whole decision is a
+    function of these five numbers, so a logged check can be judged again by hand or by a script."""
+    return (binomial_tail(single, clean, HOLD), 1.0 - binomial_tail(kept + 1, single, keep),
+            binomial_tail(up, up + down, 0.5))
 
 
-def signature(p_keep: float, p_grow: float) -> bool:
-    """Both tests reject at ALPHA."""
-    return p_keep < ALPHA and p_grow < ALPHA
+def signature(p_hold: float, p_keep: float, p_grow: float) -> bool:
+    """All three tests reject at ALPHA."""
+    return max(p_hold, p_keep, p_grow) < ALPHA
 
 
 def evidence(clean: Tensor, single: Tensor, multi: Tensor, reference: Tensor | None, keep: float) -> Evidence:
@@ -104,8 +110,9 @@ def evidence(clean: Tensor, single: Tensor, multi: Tensor, reference: Tensor | N
     before = reference if reference is not None else torch.zeros_like(gap)
     up, down = int((gap & ~before).sum()), int((before & ~gap).sum())
     n_single, n_kept = int(single.sum()), int(kept.sum())
-    p_keep, p_grow = exact_tests(n_single, n_kept, up, down, keep)
-    return Evidence(len(clean), int(clean.sum()), n_single, n_kept, int(multi.sum()), up, down, p_keep, p_grow)
+    n_clean = int(clean.sum())
+    tests = exact_tests(n_clean, n_single, n_kept, up, down, keep)
+    return Evidence(len(clean), n_clean, n_single, n_kept, int(multi.sum()), up, down, *tests)
 
 
 class CollapseGuard:
@@ -183,8 +190,8 @@ class CollapseGuard:
         state.below = state.below + 1 if found.signature else 0
         if self.decides and state.below >= CONSECUTIVE and state.collapse is None:
             state.collapse = {"event": "collapse", "epoch": epoch + 1, "step": step, "guard_examples": found.examples,
-                              **{k: self.last[k] for k in ("guard_pgd_acc", "guard_fgsm_acc", "p_keep", "p_grow",
-                                                           "train_adv_acc")}, "guard_best": state.best}
+                              **{k: self.last[k] for k in ("guard_pgd_acc", "guard_fgsm_acc", "p_hold", "p_keep",
+                                                           "p_grow", "train_adv_acc")}, "guard_best": state.best}
             return state.collapse
         return None
 
@@ -214,5 +221,5 @@ def warning(event: dict[str, Any], alpha: float) -> str:
     return (f"warning: catastrophic overfitting at step {event.get('step')}: on the guard's "
             f"{event.get('guard_examples')} images, FGSM accuracy {event.get('guard_fgsm_acc', nan):.1%} but "
             f"PGD-{GUARD_STEPS} {event.get('guard_pgd_acc', nan):.1%}{best}, "
-            f"at {CONSECUTIVE} checks in a row (exact tests p {event.get('p_keep', nan):.1g} and "
-            f"{event.get('p_grow', nan):.1g}); {then[event['action']]}")
+            f"at {CONSECUTIVE} checks in a row (exact tests p {event.get('p_hold', nan):.1g}, "
+            f"{event.get('p_keep', nan):.1g} and {event.get('p_grow', nan):.1g}); {then[event['action']]}")
