@@ -87,3 +87,19 @@ def test_config_files(tmp_path):
     listing.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a table"):
         cfg.read_file(listing)
+
+
+def test_settings_that_look_like_mistakes_warn_in_one_line():
+    def warnings(**values):
+        return cfg.setting_warnings(cfg.from_mapping(dict(dataset="mnist", data_dir="x", **values)))
+
+    # TRADES' absolute 0.007 kept at MNIST's eps 0.3: ten steps travel 0.07, a quarter of the radius
+    (line,) = warnings(method="trades", eps=0.3)
+    assert "10 steps of alpha 0.007 travel at most 0.07, less than eps 0.3" in line and "0.075" in line
+    assert "\n" not in line
+    assert warnings(method="trades", eps=0.3, alpha=0.075) == []  # 0.75: the attack can reach the edge
+    assert warnings(method="trades", eps=8 / 255) == []  # the authors' setting: 0.07 >= 0.031
+    assert warnings(method="fgsm_rs", eps=0.3) == []  # single-step methods default to a multiple of eps
+    assert warnings(method="pgd_at", eps=0.5, norm="l2") == []  # at L2 the step follows eps
+    (mixed,) = warnings(method="trades", eps=8 / 255, norm="l2")  # an L-inf radius at L2
+    assert "unusual for l2" in mixed and "--norm linf" in mixed

@@ -19,7 +19,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from backsmooth import methods, models, schedules
-from backsmooth.attacks.norms import norm_name
+from backsmooth.attacks.norms import norm_name, radius_warning
 from backsmooth.data import dataset_kind, dataset_names
 from backsmooth.errors import ConfigError
 
@@ -254,6 +254,13 @@ def validate(config: RunConfig) -> RunConfig:
                                   f"(it takes: {', '.join(accepted) or 'no hyperparameters'})")
     methods.build(c.method, **c.method_hyperparameters())  # the method's own range checks
     return c
+
+
+def setting_warnings(config: RunConfig) -> list[str]:
+    """One line each for settings that run but look like mistakes: an eps far from every benchmark radius of its
+    norm, and an attack whose steps cannot travel eps (the trainer prints them as it starts)."""
+    method = methods.build(config.method, **config.method_hyperparameters())
+    return [line for line in (radius_warning(config.eps, config.norm), method.reach_warning()) if line]
 
 
 def from_mapping(values: Mapping[str, Any], base: RunConfig | None = None, source: str = "config") -> RunConfig:

@@ -210,6 +210,16 @@ class TrainingMethod:
         self._check(0 < self.eps < float("inf"), "eps", "a finite number > 0")
         self._check(self.alpha > 0, "alpha", "> 0")
 
+    def reach_warning(self) -> str | None:
+        """A one-line warning when the attack's K steps of alpha cannot travel eps (an absolute default alpha,
+        such as TRADES' 0.007, kept at a larger eps: the attack stays deep inside the ball), else None."""
+        alpha, steps, eps = (getattr(self, name, None) for name in ("alpha", "steps", "eps"))
+        if not all(isinstance(v, int | float) for v in (alpha, steps, eps)) or alpha * steps >= eps:
+            return None
+        return (f"{self.name}: {steps} steps of alpha {alpha:g} travel at most {alpha * steps:g}, less than eps "
+                f"{eps:g}, so its attack cannot reach the edge of the ball; set --alpha, e.g. 2.5 eps / steps = "
+                f"{2.5 * eps / steps:.4g} (PGD-AT's 2/255 at 8/255 travels 2.5 eps)")
+
     def _check_steps(self) -> None:
         self._check(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from backsmooth import checkpoint
 from backsmooth import distributed as dist
-from backsmooth.config import RunConfig, validate
+from backsmooth.config import RunConfig, setting_warnings, validate
 from backsmooth.errors import Interrupted, TrainingDiverged
 from backsmooth.evaluation.accuracy import sharded_accuracy, stratified_subset
 from backsmooth.methods import StepContext
@@ -79,6 +79,8 @@ class Trainer:
         self.state = TrainState()
         self.compile_warmup_seconds = 0.0  # first step's time with --compile (excluded from training time)
         if self.proc.is_main:
+            for line in setting_warnings(config):
+                print(f"warning: {line}", file=sys.stderr, flush=True)
             self.run_dir.create(stale)
             if not has_checkpoint:
                 self.run_dir.write_config(config)
