@@ -12,7 +12,7 @@ The summary counts by design, and splits the healthy-by-design runs by their fin
 a healthy-by-design run without a gap at the end is a false alarm; on one that ended with the gap, or on a
 collapsing-by-design run, a detection.
 The guard's decision is a function of each check's logged counts, so it is computed here from them with the
-rule as it stands (backsmooth.training.guard, the run's --collapse-fraction, and whether the method's own
+rule as it stands (backsmooth.training.guard, the default --collapse-fraction, and whether the method's own
 attack is a single CE step): runs logged by an earlier version of the thresholds are judged by the current
 one. The delay of a
 detection is counted from the onset, the first check after which the guard's own PGD accuracy stays below
@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from backsmooth import methods
+from backsmooth.config import RunConfig
 from backsmooth.training.guard import CONSECUTIVE, exact_tests, signature
 
 
@@ -49,11 +50,16 @@ def onset(checks: list[dict]) -> dict | None:
     return checks[0] if checks and max(c["guard_pgd_acc"] for c in checks) < 0.05 else None
 
 
-def first_event(checks: list[dict], keep: float, decides: bool) -> dict | None:
+def tests(check: dict) -> tuple[float, float, float]:
+    """The three exact tests of a logged check under the current rule and the default --collapse-fraction."""
+    return exact_tests(check["clean"], check["single"], check["kept"], check["up"], check["down"],
+                       RunConfig().collapse_fraction)
+
+
+def first_event(checks: list[dict], decides: bool) -> dict | None:
     """The check at which the guard records a collapse: CONSECUTIVE signatures in a row (deciding methods)."""
     for check in checks:
-        check["recomputed_signature"] = signature(*exact_tests(check["clean"], check["single"], check["kept"],
-                                                               check["up"], check["down"], keep))
+        check["recomputed_signature"] = signature(*tests(check))
     below = 0
     for check in checks:
         below = below + 1 if check["recomputed_signature"] else 0
@@ -67,7 +73,7 @@ def run_row(run: Path) -> dict:
     rows = read_jsonl(run / "metrics.jsonl")
     checks = [r for r in rows if r.get("event") == "guard" and r["step"] > 0]
     decides = methods.method_class(config["method"]).single_step_attack
-    event = first_event(checks, config["collapse_fraction"], decides)
+    event = first_event(checks, decides)
     clean, fgsm, pgd = final_accuracies(run)
     entry = run.name.rsplit("-seed", 1)[0]
     row = dict(run=run.name, entry=entry, dataset=config["dataset"], method=config["method"], eps=config["eps"],
@@ -124,7 +130,7 @@ def checks_text(runs: list[Path]) -> str:
         for c in (r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "guard" and r["step"] > 0):
             lines.append(f"  step {c['step']:4d}: clean {c['clean']:3d}, S {c['single']:3d}, K {c['kept']:3d}, "
                          f"gap {c['single'] - c['kept']:3d}, up {c['up']:3d}, down {c['down']:3d}, "
-                         f"signature {int(c['signature'])}")
+                         f"signature {int(signature(*tests(c)))}")
     return "\n".join(lines)
 
 

@@ -75,7 +75,7 @@ class RunConfig:
                                      "at least 10 steps; 0: off). A check costs 25 forward passes on each of 256 "
                                      "validation images, by default 13% of a Backward Smoothing CIFAR-10 epoch, 26% of "
                                      "an FGSM-RS one; its time is shown beside the training time. docs/recipe.md")
-    collapse_fraction: float = _field(0.25, "collapse evidence: PGD keeps fewer than this fraction of the guard "
+    collapse_fraction: float = _field(0.4, "collapse evidence: PGD keeps fewer than this fraction of the guard "
                                             "images FGSM leaves correct (an exact test at p < 0.001)")
     on_collapse: str = _field("warn", "warn and go on (default), stop keeping the last good best.pt, or rollback: "
                                       "restore the state of the guard's best check and lower alpha by "

@@ -149,14 +149,16 @@ class RunDirectory:
             shutil.copyfile(self.file("last.pt"), self.file(".best.pt.tmp"))
             self.file(".best.pt.tmp").replace(self.file("best.pt"))
 
-    def save_pre_collapse(self, weights: dict[str, Any], meta: dict[str, Any], good_weights: dict[str, Any],
+    def save_pre_collapse(self, weights: dict[str, Any], meta: dict[str, Any], good_weights: dict[str, Any] | None,
                           good_step: int) -> None:
         """A run the guard stopped in its first epoch (no best.pt yet): last.pt is the collapsed model, best.pt
-        the model of the guard's best check (its meta names the step)."""
+        the model of the guard's best check (its meta names the step); with no check before the stop that lacked
+        the signature (`good_weights` None), best.pt is the collapsed model too, at the stopping step."""
         if self.file("best.pt").exists():
             return
         self.save_model(weights, meta, best=False)
-        checkpoint.save(self.file("best.pt"), {"model": good_weights, "meta": dict(meta, step=good_step)})
+        checkpoint.save(self.file("best.pt"), {"model": weights if good_weights is None else good_weights,
+                                               "meta": dict(meta, step=good_step)})
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         checkpoint.write_jsonl(self.file("metrics.jsonl"), rows)

@@ -237,9 +237,11 @@ class Trainer:
             self.guard.rolled_back(event["alpha"])
         elif action == "stop":
             bar.close()
-            if self.proc.is_main and progress.good is not None:
-                self.run_dir.save_pre_collapse(self._weights(), self._meta(0), snapshot_weights(progress.good),
-                                               progress.good["step"])
+            if self.proc.is_main:
+                good = progress.good
+                self.run_dir.save_pre_collapse(self._weights(), self._meta(0),
+                                               None if good is None else snapshot_weights(good),
+                                               progress.global_step if good is None else good["step"])
             raise Collapsed
 
     def _time_guard(self, work: Callable[[], T]) -> T:
