@@ -22,6 +22,7 @@ def _yaml(value: Any, indent: int = 0) -> str:
     if isinstance(value, dict):
         lines = []
         for key, item in value.items():
+            key = _key(key)
             if isinstance(item, (dict, list)) and item:
                 lines.append(f"{pad}{key}:\n{_yaml(item, indent + 2)}")
             else:
@@ -37,6 +38,19 @@ def _yaml(value: Any, indent: int = 0) -> str:
                 lines.append(f"{pad}- {_scalar(item)}")
         return "\n".join(lines)
     return pad + _scalar(value)
+
+
+def _key(key: Any) -> str:
+    """A mapping key: plain when YAML 1.1 reads it back as the same string, else double-quoted (`on`, `no`,
+    `null` and the like would come back as booleans or None)."""
+    text = str(key)
+    if _PLAIN_KEY.fullmatch(text) and text.lower() not in _YAML11_WORDS:
+        return text
+    return _scalar(text)
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_YAML11_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
 
 
 def _scalar(value: Any) -> str:
