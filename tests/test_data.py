@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backsmooth.data import ArrayDataset, DatasetSplits, dataset_names, download, files, load_dataset
+from backsmooth.data import ArrayDataset, DatasetSplits, FileDataset, dataset_names, download, files, load_dataset
 from backsmooth.data.cache import DecodedCache, cache_root
 from backsmooth.data.dataset import _largest_remainder, stratified_split
 from backsmooth.data.sources import CIFAR10_CLASSES, CIFAR100_CLASSES
@@ -72,7 +72,8 @@ def assert_splits(data: DatasetSplits, name: str, shape: tuple[int, int, int], n
 # ---------------------------------------------------------------------------------------- digits, synthetic
 
 def test_dataset_names():
-    assert dataset_names() == ("digits", "mnist", "cifar10", "cifar100", "tiny_imagenet", "folder", "synthetic")
+    assert dataset_names() == ("digits", "mnist", "cifar10", "cifar100", "tiny_imagenet", "imagenet", "folder",
+                               "synthetic")
 
 
 def test_digits_has_a_fixed_stratified_test_split():
@@ -463,18 +464,22 @@ def test_folder_with_train_and_test(tmp_path):
         load_dataset("folder", tmp_path / "data", val_size=0, cache_dir=tmp_path / "cache")
 
 
-def test_folder_images_must_share_a_size(tmp_path):
+def test_folder_images_of_several_sizes_stream_and_the_device_loader_refuses_them(tmp_path):
     write_class_folders(tmp_path / "data", 3)
     Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "data" / "dog" / "odd.png")
-    with raises(f"{tmp_path / 'data' / 'dog' / 'odd.png'} is 5x5"):
-        load_dataset("folder", tmp_path / "data", val_size=0, cache_dir=tmp_path / "cache")
+    with raises(f"--loader device needs images of one size: {tmp_path / 'data' / 'cat' / '0.BMP'} is 12x10 but "
+                f"{tmp_path / 'data' / 'dog' / 'odd.png'} is 5x5; use --loader stream"):
+        load_dataset("folder", tmp_path / "data", val_size=0, cache_dir=tmp_path / "cache", loader="device")
+    data = load_dataset("folder", tmp_path / "data", val_size=0, cache_dir=tmp_path / "cache")
+    assert isinstance(data.train, FileDataset) and data.image_shape == (3, 224, 224)
+    assert data.augment == "resized_crop_flip"
 
 
 # ---------------------------------------------------------------------------------------- errors
 
 def test_bad_names_and_folders(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; choose one of: digits, mnist"):
-        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet21k'; choose one of: digits, mnist"):
+        load_dataset("imagenet21k")
     with raises(f"data directory {tmp_path / 'nowhere'} does not exist"):
         load_dataset("mnist", tmp_path / "nowhere")
     cache, empty = tmp_path / "cache", tmp_path / "data"

@@ -24,6 +24,7 @@ from backsmooth.data import dataset_kind, dataset_names
 from backsmooth.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOADERS = ("auto", "device", "stream")
 
 
 def _field(default: Any, help: str = "") -> Any:
@@ -44,6 +45,12 @@ class RunConfig:
     cache_dir: str | None = _field(None, "folder of decoded datasets (default $BACKSMOOTH_CACHE or ~/.cache)")
     val_size: int | None = _field(None, "validation examples held out from the training set (default: the "
                                         "dataset's, 1000 for the large ones)")
+    loader: str = _field("auto", "device: the whole dataset decoded in device memory; stream: worker processes "
+                                 "decode each batch (image folders, imagenet, tiny_imagenet); auto: stream when the "
+                                 "images differ in size, would not fit in memory, or the dataset is imagenet")
+    image_size: int = _field(0, "side in pixels of streamed images, square (0: the dataset's own, 224 for imagenet "
+                                "and for folders of mixed sizes)")
+    workers: int = _field(-1, "processes that decode streamed images (-1: the CPUs this process may use, at most 8)")
     # model
     arch: str = _field("small_cnn", "architecture name, or MODULE:FUNCTION for your own model factory")
     init_from: str | None = _field(None, "start from trained weights (fine-tuning): a run directory (its best.pt, "
@@ -114,6 +121,10 @@ class RunConfig:
         if self.label_smoothing and "label_smoothing" in accepted:
             chosen["label_smoothing"] = self.label_smoothing
         return chosen
+
+    def decode_workers(self) -> int | None:
+        """--workers as the data layer takes it (None: its default)."""
+        return None if self.workers < 0 else self.workers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +253,12 @@ def validate(config: RunConfig) -> RunConfig:
              f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     _check(c.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be one of stop, skip, got {c.on_nonfinite!r}")
     _check(c.val_size is None or c.val_size >= 0, f"val_size must be >= 0, got {c.val_size}")
+    _check(c.loader in LOADERS, f"loader must be one of {', '.join(LOADERS)}, got {c.loader!r}")
+    _check(c.image_size >= 0, f"image_size must be >= 0 pixels (0: the dataset's own), got {c.image_size}")
+    _check(c.workers >= -1, f"workers must be >= 0, or -1 for the default, got {c.workers}")
+    _check(kind.streams or (c.loader != "stream" and not c.image_size),
+           f"--loader stream and --image-size apply to the datasets that stream "
+           f"({', '.join(n for n in dataset_names() if dataset_kind(n).streams)}), not {c.dataset}")
     _check(c.val_pgd_steps >= 0, f"val_pgd_steps must be >= 0, got {c.val_pgd_steps}")
     _check(c.final_eval_examples >= 0, f"final_eval_examples must be >= 0, got {c.final_eval_examples}")
     _check(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,9 +44,31 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        c, h, w = self.images.shape[1:]
+        return c, h, w
+
     def subset(self, index: torch.Tensor) -> ArrayDataset:
         """The examples at `index`, copied into contiguous tensors."""
         return ArrayDataset(self.images[index].contiguous(), self.labels[index].contiguous())
+
+
+class ImageSet(Protocol):
+    """What training and evaluation need of a split: an ArrayDataset (in memory) or a FileDataset (streamed)."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    @property
+    def images(self) -> torch.Tensor: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def subset(self, index: torch.Tensor) -> ImageSet: ...
 
 
 @dataclass(frozen=True)
@@ -53,9 +76,9 @@ class DatasetSplits:
     """Train / validation / test splits of one dataset, with what a model and loader need to know about it."""
 
     name: str
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
     num_classes: int
     classes: tuple[str, ...]
     augment: str
@@ -66,8 +89,7 @@ class DatasetSplits:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image."""
-        c, h, w = self.train.images.shape[1:]
-        return c, h, w
+        return self.train.image_shape
 
 
 def checked_dataset(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int,
@@ -84,18 +106,24 @@ def checked_dataset(images: np.ndarray, labels: np.ndarray, where: str, num_clas
     if image_shape is not None and images.shape[1:] != image_shape:
         expected = ", ".join(map(str, image_shape))
         raise DataError(f"images in {where} have shape {images.shape}; expected (N, {expected})")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(images),):
-        raise DataError(f"labels in {where} must be {len(images)} integers (one per image), "
-                        f"got {labels.dtype} {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"labels in {where} must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}; "
-                        f"check that the file belongs to this dataset")
+    labels = checked_labels(labels, len(images), where, num_classes)
     if images.ndim == 3:  # grayscale (N, H, W)
         images = images[:, None]
     elif channels_last:
         images = images.transpose(0, 3, 1, 2)
     return ArrayDataset(torch.from_numpy(np.ascontiguousarray(images)),
                         torch.from_numpy(labels.astype(np.int64)))
+
+
+def checked_labels(labels: np.ndarray, count: int, where: str, num_classes: int) -> np.ndarray:
+    """`count` integer labels in 0..num_classes-1 read from `where`, else a DataError saying what is wrong."""
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (count,):
+        raise DataError(f"labels in {where} must be {count} integers (one per image), got {labels.dtype} "
+                        f"{labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"labels in {where} must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}; "
+                        f"check that the file belongs to this dataset")
+    return labels
 
 
 def stratified_split(labels: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,19 +57,36 @@ def decode_images(sources: Sequence[Path | bytes | memoryview], name_of: Callabl
 
 
 def _decode(source: Path | bytes | memoryview, name: str) -> np.ndarray:
-    """One image as RGB uint8 (H, W, 3): grayscale, palette and alpha images are converted, 16-bit
-    grayscale is scaled to 8 bits (PIL's own conversion would clip it to white)."""
-    if isinstance(source, Path) and source.is_symlink() and not source.exists():
+    """One image as RGB uint8 (H, W, 3) (see `rgb_image`)."""
+    with open_image(source, name) as image:
+        return np.asarray(rgb_image(image, name))
+
+
+def open_image(source: Path | str | bytes | memoryview, name: str) -> Image.Image:
+    """An image file or encoded bytes opened lazily (only the header is read); a broken link, a missing file or
+    bytes that are not an image are a DataError naming `name`. Use as a context manager."""
+    if isinstance(source, (Path, str)) and Path(source).is_symlink() and not Path(source).exists():
         raise DataError(f"{name} is a broken symbolic link; remove it or point it at the image")
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
-            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if image.mode in ("I", "F"):
-                raise DataError(f"{name} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels; "
-                                f"save it as an 8- or 16-bit image")
-            return np.asarray(image.convert("RGB"))
+        return Image.open(source if isinstance(source, (Path, str)) else io.BytesIO(source))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{name} is not a readable image ({error}); replace or remove it") from error
+
+
+def rgb_image(image: Image.Image, name: str) -> Image.Image:
+    """The decoded image in RGB, as docs/data.md states: grayscale is copied to the three channels, CMYK and YCbCr
+    are converted by Pillow, an alpha channel (RGBA, LA, a palette's transparency) is dropped, and 16-bit
+    grayscale keeps its top 8 bits (Pillow's own conversion would clip it to white)."""
+    try:
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+            return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+        if image.mode in ("I", "F"):
+            raise DataError(f"{name} has {'32-bit integer' if image.mode == 'I' else 'floating-point'} pixels; "
+                            f"save it as an 8- or 16-bit image")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # Pillow warns when a palette's transparency goes straight to RGB
+        return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{name} is not a readable image ({error}); replace or remove it") from error
 
@@ -79,16 +96,24 @@ def decode_jpeg_npz(path: Path, size: tuple[int, int], extra: Sequence[str] = ()
 
     The `extra` arrays present in the file (class names and the like) are passed through.
     """
-    arrays = load_npz(path, ("jpeg", "offsets", "y"), extra)
+    arrays = jpeg_npz(path, extra)
     blob, offsets = arrays.pop("jpeg"), arrays.pop("offsets")
+    view = memoryview(blob)
+    sources = [view[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    arrays["x"] = decode_images(sources, lambda i: f"image {i} of {path}", size)
+    return arrays
+
+
+def jpeg_npz(path: Path, extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an npz of concatenated JPEG files, checked: `jpeg` uint8 bytes, `offsets` N+1 increasing
+    positions from 0 to len(jpeg), `y`, and the `extra` arrays present."""
+    arrays = load_npz(path, ("jpeg", "offsets", "y"), extra)
+    blob, offsets = arrays["jpeg"], arrays["offsets"]
     if (blob.dtype != np.uint8 or blob.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer)
             or offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != len(blob)
             or np.any(np.diff(offsets) <= 0)):
         raise DataError(f"{path} is malformed: `jpeg` must be uint8 bytes and `offsets` N+1 increasing positions "
                         f"from 0 to len(jpeg); rebuild the file (see docs/data.md)")
-    view = memoryview(blob)
-    sources = [view[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-    arrays["x"] = decode_images(sources, lambda i: f"image {i} of {path}", size)
     return arrays
 
 

@@ -27,6 +27,16 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The order of the n training examples in `epoch`: a permutation drawn from (seed, epoch), or 0..n-1."""
+    return torch.randperm(n, generator=_generator(seed, epoch)) if shuffle else torch.arange(n)
+
+
+def shard_of(rank: int, world_size: int, size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous slice [lo, hi) of a global batch of `size`; a short batch is split evenly."""
+    return rank * size // world_size, (rank + 1) * size // world_size
+
+
 class DeviceLoader:
     """Whole uint8 dataset on the training device; batched augmentation as tensor ops; no workers.
 
@@ -65,8 +75,7 @@ class DeviceLoader:
     def indexed_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """As `epoch`, with the dataset indices of each batch's examples (for per-example method memory)."""
         n = len(self.labels)
-        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        order = epoch_order(n, self.seed, epoch, self.shuffle).to(self.device)
         steps = range(start_step, len(self))
         for step, draws in zip(steps, self._draws(epoch, steps)):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
@@ -79,7 +88,7 @@ class DeviceLoader:
 
     def shard(self, size: int) -> tuple[int, int]:
         """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
-        return self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size
+        return shard_of(self.rank, self.world_size, size)
 
     def _draws(self, epoch: int, steps: range) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each step's flips and crop offsets for this rank's rows, on the device.

@@ -20,6 +20,7 @@ from backsmooth.data.cache import DecodedCache
 from backsmooth.data.dataset import ArrayDataset, checked_dataset, stratified_split
 from backsmooth.data.download import ARCHIVES, download_file
 from backsmooth.data.files import PICKLE_ERRORS, decode_jpeg_npz, load_npz, unpickle
+from backsmooth.data.stream import FileDataset
 from backsmooth.errors import DataError
 
 TEST_SPLIT_SEED = 0  # datasets without an official test split always hold out the same examples
@@ -27,24 +28,30 @@ TEST_SPLIT_SEED = 0  # datasets without an official test split always hold out t
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """What a reader may use: where the files are, whether to download, and the decoded cache."""
+    """What a reader may use: where the files are, whether to download, the decoded cache, and for the readers
+    that can stream (image folders, ImageNet, Tiny ImageNet) the loader asked for, the side length of streamed
+    images (0: the dataset's own) and the number of decoding processes (None: default_workers())."""
 
     data_dir: Path
     download: bool
     cache: DecodedCache
+    loader: str = "auto"
+    image_size: int = 0
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
 class Source:
     """A dataset as read from disk, before the validation split."""
 
-    train: ArrayDataset
-    test: ArrayDataset
+    train: ArrayDataset | FileDataset
+    test: ArrayDataset | FileDataset
     classes: tuple[str, ...]
     note: str
+    augment: str | None = None  # the training augmentation when it is not the dataset kind's (a streamed folder)
 
 
-def split_off_test(full: ArrayDataset, fraction: float) -> tuple[ArrayDataset, ArrayDataset]:
+def split_off_test(full: ArrayDataset | FileDataset, fraction: float) -> tuple[Any, Any]:
     """(train, test) with a stratified `fraction` held out as test, always the same examples."""
     rest, test = stratified_split(full.labels, round(fraction * len(full)), TEST_SPLIT_SEED)
     return full.subset(rest), full.subset(test)

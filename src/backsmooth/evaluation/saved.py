@@ -4,6 +4,7 @@ and `backsmooth study` both call `evaluate_saved`."""
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -98,10 +99,12 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
         raise ConfigError(f"the model was trained at {trained_norm} eps {meta['eps']:g}; give --eps for {norm} "
                           f"(e.g. --norm l2 --eps 0.5)")
     eps = eps if eps is not None else float(meta["eps"])
+    same_data = dataset == run_config.get("dataset")  # then the images are read as the run read them
     test = load_dataset(dataset, data_dir or run_config.get("data_dir"), val_size=0,
-                        cache_dir=run_config.get("cache_dir")).test
-    _check_fits(test.images, test.labels, meta, dataset)
-    largest = max_radius(norm, test.images[0].numel())
+                        cache_dir=run_config.get("cache_dir"), loader=run_config.get("loader", "auto") if same_data
+                        else "auto", image_size=run_config.get("image_size", 0) if same_data else 0).test
+    _check_fits(test.image_shape, test.labels, meta, dataset)
+    largest = max_radius(norm, math.prod(test.image_shape))
     for flag, value in (("--eps", eps), ("--step-size", step_size)):
         if value is not None and value > largest:
             raise ConfigError(f"{flag} must be at most {largest:g} at {norm} on {dataset} (pixel units; the box's "
@@ -120,7 +123,8 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RadiusWarning)  # logged above, in one line
-            result = evaluate(model, test.images[index], test.labels[index], eps, [s.name for s in specs],
+            chosen = test.subset(index)
+            result = evaluate(model, chosen.images, chosen.labels, eps, [s.name for s in specs],
                               batch_size, seed=seed, step_size=step_size, state_path=state_path, restart=restart,
                               progress=progress, norm=norm)
     except KeyboardInterrupt:
@@ -137,11 +141,11 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     return report_path, result
 
 
-def _check_fits(images: Tensor, labels: Tensor, meta: dict[str, Any], dataset: str) -> None:
+def _check_fits(image_shape: tuple[int, ...], labels: Tensor, meta: dict[str, Any], dataset: str) -> None:
     """The dataset must have the image shape and classes the model was trained for."""
     shape = tuple(meta.get("image_shape") or ())
-    if shape and tuple(images.shape[1:]) != shape:
-        raise DataError(f"{dataset} images have shape {tuple(images.shape[1:])} but the model was trained on {shape}")
+    if shape and tuple(image_shape) != shape:
+        raise DataError(f"{dataset} images have shape {tuple(image_shape)} but the model was trained on {shape}")
     if len(labels) and int(labels.max()) >= int(meta["num_classes"]):
         raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has "
                         f"{meta['num_classes']} classes")

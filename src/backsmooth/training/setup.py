@@ -12,7 +12,7 @@ from backsmooth import distributed as dist
 from backsmooth import methods, models
 from backsmooth.checkpoint import load_model, load_state_into
 from backsmooth.config import RunConfig
-from backsmooth.data import DatasetSplits, DeviceLoader, dataset_kind, load_dataset
+from backsmooth.data import DatasetSplits, DeviceLoader, FileDataset, StreamLoader, dataset_kind, load_dataset
 from backsmooth.errors import ConfigError
 from backsmooth.methods import TrainingMethod
 from backsmooth.runtime import Runtime
@@ -31,7 +31,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     generator: torch.Generator
-    loader: DeviceLoader | None = None
+    loader: DeviceLoader | StreamLoader | None = None
     average: WeightAverage | None = None
     awp: WeightPerturbation | None = None  # --awp: adversarial weight perturbation around the method's step
 
@@ -73,7 +73,8 @@ def load_data(config: RunConfig, runtime: Runtime) -> DatasetSplits:
     if not proc.is_main:
         dist.barrier(proc)
     data = load_dataset(config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
-                        download=config.download and proc.is_main, cache_dir=config.cache_dir)
+                        download=config.download and proc.is_main, cache_dir=config.cache_dir, loader=config.loader,
+                        image_size=config.image_size, workers=config.decode_workers())
     if proc.is_main:
         dist.barrier(proc)
     return data
@@ -123,11 +124,13 @@ def start_from(net: nn.Module, source: str) -> None:
     load_state_into(net, trained.state_dict(), f"--init-from {source}")
 
 
-def build_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> DeviceLoader:
-    """Shuffled, augmented training batches; each rank gets its shard of every global batch."""
-    loader = DeviceLoader(data.train, config.batch_size, augment=data.augment, shuffle=True, drop_last=True,
-                          seed=config.seed, device=runtime.device, rank=runtime.proc.rank,
-                          world_size=runtime.proc.world_size)
+def build_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> DeviceLoader | StreamLoader:
+    """Shuffled, augmented training batches; each rank gets its shard of every global batch. A streamed dataset
+    (FileDataset) gets worker processes that decode; one in memory stays on the device."""
+    common = dict(augment=data.augment, shuffle=True, drop_last=True, seed=config.seed, device=runtime.device,
+                  rank=runtime.proc.rank, world_size=runtime.proc.world_size)
+    loader = (StreamLoader(data.train, config.batch_size, workers=config.decode_workers(), **common)
+              if isinstance(data.train, FileDataset) else DeviceLoader(data.train, config.batch_size, **common))
     if len(loader) == 0:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
                           f"({len(data.train)} examples); lower --batch-size")

@@ -352,7 +352,8 @@ class Trainer:
         config, test, guard_state = self.config, self.data.test, self.state.guard
         dist.barrier(self.proc)  # rank 0 has written last.pt and best.pt
         index = stratified_subset(test.labels, config.final_eval_examples, config.seed)
-        images, labels = test.images[index], test.labels[index]
+        chosen = test.subset(index)
+        images, labels = chosen.images, chosen.labels
         results: dict[str, Any] = {"run_dir": str(self.run_dir.path), "method": config.method, "arch": config.arch,
                                    "dataset": config.dataset, "data_note": self.data.note, "eps": config.eps,
                                    "norm": config.norm,
