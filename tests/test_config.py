@@ -32,7 +32,7 @@ def test_type_errors_name_the_key(values, message):
     ({"method": "backward_smoothing", "gamma": 0.0}, "gamma must be > 0"),
     ({"method": "madry"}, "unknown method 'madry'"),
     ({"arch": "vgg"}, "unknown architecture 'vgg'"),
-    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ({"dataset": "imagenet1k"}, "unknown dataset 'imagenet1k'"),
     ({"dataset": "cifar10"}, "needs --data-dir"),
     ({"schedule": "linear"}, "unknown schedule"),
     ({"method": "trades", "gamma": 1.0}, "--gamma does not apply to method trades"),

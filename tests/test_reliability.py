@@ -250,7 +250,7 @@ BAD_INPUTS = [
     (T + ["--gamma", "0"], "gamma must be > 0"),
     (T + ["--method", "madry"], "unknown method 'madry'"),
     (T + ["--arch", "vgg19"], "unknown architecture 'vgg19'"),
-    (T + ["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (T + ["--dataset", "imagenet1k"], "unknown dataset 'imagenet1k'"),
     (T + ["--dataset", "cifar10"], "needs --data-dir"),
     (T + ["--schedule", "linear"], "unknown schedule"),
     (T + ["--precision", "fp8"], "unknown precision"),

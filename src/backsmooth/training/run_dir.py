@@ -34,7 +34,10 @@ RESUME_IGNORED = ("out", "device", "log_every", "tensorboard")  # may change bet
 
 class DirectoryLock:
     """An OS lock on DIR/.lock held until released or the process ends (a killed process releases it), naming
-    its holder; a second process is refused in one line. Run directories and study folders both use it."""
+    its holder; a second process is refused in one line. Run directories and study folders both use it.
+
+    A POSIX record lock (lockf), not flock: forked children such as the stream loader's decoding workers do not
+    inherit it, so the workers of a killed run, which outlive it by a few seconds, do not keep its folder locked."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -46,7 +49,7 @@ class DirectoryLock:
             return
         handle = open(self.path / ".lock", "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
