@@ -57,6 +57,14 @@ class RunConfig:
                                          "else last.pt), a model file or a folder of `backsmooth export`, of the same "
                                          "architecture and classes; its normalisation comes with it (default: none, "
                                          "random initialisation)")
+    pretrained: bool = _field(False, "start a timm:NAME or torchvision:NAME backbone from its library's pretrained "
+                                     "weights (downloaded by the library; a head for this dataset's classes is new)")
+    weights: str | None = _field(None, "start a timm:NAME or torchvision:NAME backbone from this local state dict of "
+                                       "the library's model (.pt/.pth or .safetensors; a head of other classes is new)")
+    freeze_epochs: int = _field(0, "fine-tuning: train only the classifier head for this many epochs first (the "
+                                   "rest keeps its weights; BatchNorm statistics still adapt)")
+    warmup_epochs: float = _field(0.0, "fine-tuning: ramp the learning rate linearly from 0 over this many epochs, "
+                                       "then follow --schedule")
     # method: the run's radius; the method's own options go to method_options (flat keys in files and flags)
     method: str = _field("backward_smoothing", "training method name, or MODULE:CLASS for your own method")
     eps: float = _field(8 / 255, "radius of the threat model in [0, 1] pixel units (8/255 at linf, 0.5 at l2); "
@@ -253,6 +261,15 @@ def validate(config: RunConfig) -> RunConfig:
              f"device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     _check(c.on_nonfinite in ("stop", "skip"), f"on_nonfinite must be one of stop, skip, got {c.on_nonfinite!r}")
     _check(c.val_size is None or c.val_size >= 0, f"val_size must be >= 0, got {c.val_size}")
+    _check(not (c.pretrained or c.weights) or models.is_backbone(c.arch),
+           f"--pretrained and --weights apply to timm:NAME and torchvision:NAME architectures, not {c.arch} (start "
+           f"our own architectures from a run with --init-from)")
+    _check(not (c.pretrained and c.weights), "give --pretrained or --weights, not both")
+    _check(not c.init_from or not (c.pretrained or c.weights),
+           "--init-from starts from a whole trained model; drop --pretrained/--weights")
+    _check(0 <= c.freeze_epochs < c.epochs, f"freeze_epochs must be in 0..epochs-1 ({c.epochs - 1}), got "
+                                            f"{c.freeze_epochs}")
+    _check(0 <= c.warmup_epochs <= c.epochs, f"warmup_epochs must be in [0, epochs], got {c.warmup_epochs}")
     _check(c.loader in LOADERS, f"loader must be one of {', '.join(LOADERS)}, got {c.loader!r}")
     _check(c.image_size >= 0, f"image_size must be >= 0 pixels (0: the dataset's own), got {c.image_size}")
     _check(c.workers >= -1, f"workers must be >= 0, or -1 for the default, got {c.workers}")

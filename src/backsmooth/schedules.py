@@ -15,6 +15,11 @@ ONECYCLE_RISE, ONECYCLE_START, ONECYCLE_END = 0.3, 1 / 25, 1 / 25 / 1e4  # torch
 PIECEWISE = "piecewise:"
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The multiplier of a linear warm-up over `warmup_steps` iterations: (step + 1) / warmup_steps, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) -> float:
     """The learning rate for iteration `step` (0-based) of `total_steps`.
 

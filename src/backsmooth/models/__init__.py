@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from backsmooth.errors import ConfigError
+from backsmooth.models.backbones import backbone_factory, is_backbone
 from backsmooth.models.normalize import Normalize, NormalizedClassifier
 from backsmooth.models.preact_resnet import PreActResNet18
 from backsmooth.models.resnet import ResNet18
@@ -43,7 +44,10 @@ def names() -> tuple[str, ...]:
 
 
 def factory(name: str) -> Callable[..., nn.Module]:
-    """The factory of a registered architecture, or the callable named by MODULE:FUNCTION."""
+    """The factory of a registered architecture, a timm:NAME or torchvision:NAME backbone, or the callable named
+    by MODULE:FUNCTION."""
+    if is_backbone(name):
+        return backbone_factory(name)
     if is_import_path(name):
         found = import_object(name, "architecture")
         if not callable(found):
@@ -51,7 +55,7 @@ def factory(name: str) -> Callable[..., nn.Module]:
         return found
     if name not in _REGISTRY:
         raise ConfigError(f"unknown architecture {name!r}; choose one of: {', '.join(_REGISTRY)} "
-                          f"(or MODULE:FUNCTION)")
+                          f"(or timm:NAME, torchvision:NAME, MODULE:FUNCTION)")
     return _REGISTRY[name]
 
 
@@ -64,7 +68,8 @@ def build(
     std: Sequence[float] | None = None,
     **kwargs: int,
 ) -> NormalizedClassifier:
-    """Build architecture `name` wrapped with its Normalize layer (identity when mean/std are omitted).
+    """Build architecture `name` wrapped with its Normalize layer (identity when mean/std are omitted; a timm or
+    torchvision backbone brings the mean/std of its pretrained configuration instead of the dataset's).
 
     Extra keyword arguments go to the architecture (for example `depth` and `width` for `wrn34_10`).
     """
@@ -81,7 +86,8 @@ def build(
         raise
     if not isinstance(net, nn.Module):
         raise ConfigError(f"architecture {name!r} returned {type(net).__name__}, not a torch.nn.Module")
+    mean, std = getattr(net, "input_normalization", (mean, std))  # a pretrained backbone's own statistics
     return NormalizedClassifier(net, mean, std)
 
 
-__all__ = ["build", "factory", "names", "register", "Normalize", "NormalizedClassifier"]
+__all__ = ["build", "factory", "is_backbone", "names", "register", "Normalize", "NormalizedClassifier"]

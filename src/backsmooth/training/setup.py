@@ -4,6 +4,7 @@ the module training calls, method, optimiser, scaler, loader, attack generator, 
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from backsmooth.config import RunConfig
 from backsmooth.data import DatasetSplits, DeviceLoader, FileDataset, StreamLoader, dataset_kind, load_dataset
 from backsmooth.errors import ConfigError
 from backsmooth.methods import TrainingMethod
+from backsmooth.models import backbones
 from backsmooth.runtime import Runtime
 from backsmooth.training.averaging import WeightAverage
 from backsmooth.training.awp import WeightPerturbation
@@ -86,7 +88,7 @@ def build_parts(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> Par
     net, model = build_model(config, data, runtime)
     method = methods.build(config.method, **config.method_hyperparameters())
     method.setup(len(data.train), data.image_shape, runtime.device, config.seed)
-    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+    optimizer = torch.optim.SGD(parameter_groups(net, config), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.precision == "fp16")
     loader = build_loader(config, data, runtime)
@@ -97,6 +99,30 @@ def build_parts(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> Par
     return Parts(net, model, method, optimizer, scaler, generator, loader, average, awp)
 
 
+def parameter_groups(net: nn.Module, config: RunConfig) -> list[dict[str, Any]]:
+    """One group of every parameter; with --freeze-epochs, the classifier head's and the rest's (whose learning
+    rate the trainer holds at 0 for those epochs), so the optimiser's state has the same layout throughout."""
+    if not config.freeze_epochs:
+        return [{"params": list(net.parameters()), "name": "all"}]
+    head = {f"net.{key}" for key in backbones.head_names(net.net)}
+    named = list(net.named_parameters())
+    return [{"params": [p for n, p in named if n not in head], "name": "body"},
+            {"params": [p for n, p in named if n in head], "name": "head"}]
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, lr: float, epoch: int, step_in_epoch: int,
+                       freeze_epochs: int) -> None:
+    """Every group at `lr`, but the body (see parameter_groups) at 0 before epoch `freeze_epochs`; as that epoch
+    starts the body's momentum, gathered from gradients it did not follow, is cleared, so it starts as a frozen
+    layer would (weight decay does not act at lr 0 either)."""
+    for group in optimizer.param_groups:
+        frozen = group.get("name") == "body" and epoch < freeze_epochs
+        group["lr"] = 0.0 if frozen else lr
+        if group.get("name") == "body" and epoch == freeze_epochs and step_in_epoch == 0:
+            for parameter in group["params"]:
+                optimizer.state.get(parameter, {}).pop("momentum_buffer", None)
+
+
 def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tuple[nn.Module, nn.Module]:
     """(the network, the module training calls): compiled and DDP-wrapped as the config asks."""
     torch.manual_seed(config.seed)
@@ -104,6 +130,12 @@ def build_model(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> tup
                        std=data.std).to(runtime.device)
     if config.init_from:
         start_from(net, config.init_from)
+    if config.pretrained or config.weights:
+        source = f"--weights {config.weights}" if config.weights else f"the pretrained {config.arch}"
+        state = backbones.pretrained_state(config.arch, data.num_classes, data.image_shape[0], config.weights)
+        fresh = backbones.load_backbone(net.net, state, source)
+        if runtime.proc.is_main:
+            print(f"started from {source}" + (f"; a new head ({', '.join(fresh)})" if fresh else ""), flush=True)
     if config.sync_bn and runtime.proc.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     if config.channels_last:

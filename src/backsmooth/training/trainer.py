@@ -25,10 +25,10 @@ from backsmooth.errors import Interrupted, TrainingDiverged
 from backsmooth.evaluation.accuracy import sharded_accuracy, stratified_subset
 from backsmooth.methods import StepContext
 from backsmooth.runtime import Stopwatch, device_name
-from backsmooth.schedules import learning_rate
+from backsmooth.schedules import learning_rate, warmup_factor
 from backsmooth.training.guard import CHECKS_PER_EPOCH, GUARD_START, CollapseGuard, response, warning
 from backsmooth.training.run_dir import RunDirectory
-from backsmooth.training.setup import build_parts, default_run_path, load_data, runtime_for
+from backsmooth.training.setup import build_parts, default_run_path, load_data, runtime_for, set_learning_rates
 from backsmooth.training.state import (
     TrainState,
     capture,
@@ -129,9 +129,9 @@ class Trainer:
         watch = Stopwatch(self.runtime.device)  # training time only: every other phase runs paused
         watch.start()
         for x, y, index in self.loader.indexed_epoch(progress.epoch, progress.step_in_epoch):
-            lr = learning_rate(config.schedule, config.lr, progress.global_step, total_steps)
-            for group in self.parts.optimizer.param_groups:
-                group["lr"] = lr
+            lr = learning_rate(config.schedule, config.lr, progress.global_step, total_steps) * warmup_factor(
+                progress.global_step, round(config.warmup_epochs * len(self.loader)))
+            set_learning_rates(self.parts.optimizer, lr, progress.epoch, progress.step_in_epoch, config.freeze_epochs)
             self._step(x, y, self._context(index))
             if config.compile and not self.compile_warmup_seconds:
                 # the first step compiles every graph a step uses: keep that out of the training time
@@ -290,7 +290,7 @@ class Trainer:
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": progress.global_step,
-            "lr": self.parts.optimizer.param_groups[0]["lr"],
+            "lr": self.parts.optimizer.param_groups[-1]["lr"],
             "train_seconds": progress.epoch_seconds,
             "total_train_seconds": progress.train_seconds,
             "images_per_second": len(self.loader) * config.batch_size / max(progress.epoch_seconds, 1e-9),
