@@ -47,11 +47,12 @@ def save(path: Path, pixels: np.ndarray, mode: str) -> Image.Image:
     return image
 
 
-def write_imagenet(root: Path, train: int = 8, val: int = 3, seed: int = 0) -> None:
+def write_imagenet(root: Path, train: int = 8, val: int = 3, seed: int = 0,
+                   classes: tuple[str, ...] = ("ant", "bee", "cow")) -> None:
     """The ImageNet layout with three classes of images of varied sizes, in every mode of MODES."""
     rng = np.random.default_rng(seed)
     for part, count in (("train", train), ("val", val)):
-        for name in ("ant", "bee", "cow"):
+        for name in classes:
             (root / part / name).mkdir(parents=True)
             for k in range(count):
                 width, height = (int(v) for v in rng.integers(20, 70, 2))
@@ -206,6 +207,9 @@ def test_train_and_evaluate_a_folder_of_mixed_images_through_the_cli(tmp_path):
     evaluated = cli("eval", str(tmp_path / "run"), "--attacks", "pgd5", "--n-examples", "9", "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
     assert (tmp_path / "run" / "eval-run.json").exists() and "9 of 9 imagenet test examples" in evaluated.stdout
+    three = cli("eval", str(tmp_path / "run"), "--attacks", "autoattack", "--name", "aa")  # AutoAttack needs 4 classes
+    assert three.returncode == 2 and "autoattack needs a model of at least 4 classes" in three.stderr
+    assert not (tmp_path / "run" / "eval-aa.json").exists()
 
 
 @pytest.mark.slow
@@ -243,6 +247,22 @@ def test_torchrun_ranks_see_each_image_once_per_epoch(tmp_path, streamed):
         both = torch.cat([seen[0][epoch], seen[1][epoch]])
         assert sorted(both.tolist()) == list(range(len(streamed.train)))
         assert set(seen[0][epoch].tolist()).isdisjoint(seen[1][epoch].tolist())
+
+
+@pytest.mark.slow
+def test_the_robustbench_imagenet_protocol_evaluates_5000_images_at_224_with_standard_autoattack(tmp_path):
+    write_imagenet(tmp_path / "data", train=2, val=2, classes=("ant", "bee", "cow", "doe"))
+    trained = cli(*train_args(tmp_path / "data", tmp_path / "run", "--image-size", "16", "--epochs", "1",
+                              "--val-size", "0", "--final-eval-examples", "0", "--method", "natural"))
+    assert trained.returncode == 0, trained.stderr
+    clash = cli("eval", str(tmp_path / "run"), "--protocol", "robustbench-imagenet", "--eps", "8/255")
+    assert clash.returncode == 2 and "--protocol robustbench-imagenet sets --eps to 4/255" in clash.stderr
+    done = cli("eval", str(tmp_path / "run"), "--protocol", "robustbench-imagenet", "--no-progress", "--name", "rb")
+    assert done.returncode == 0, done.stderr
+    report = __import__("json").loads((tmp_path / "run" / "eval-rb.json").read_text())
+    assert (report["protocol"], report["image_size"], report["subset"]["n_examples"]) == ("robustbench-imagenet",
+                                                                                         224, 8)
+    assert report["eps"] == "4/255" and "autoattack" in done.stdout
 
 
 def bad_run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

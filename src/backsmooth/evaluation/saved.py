@@ -57,6 +57,8 @@ class SavedProtocol:
     dataset: str | None = None
     data_dir: str | None = None
     norm: str | None = None
+    image_size: int | None = None  # streamed data: the side of the evaluation view (default: the run's)
+    name: str = ""  # a named protocol (--protocol), recorded in the report
 
 
 def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | None = None,
@@ -99,11 +101,17 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
         raise ConfigError(f"the model was trained at {trained_norm} eps {meta['eps']:g}; give --eps for {norm} "
                           f"(e.g. --norm l2 --eps 0.5)")
     eps = eps if eps is not None else float(meta["eps"])
+    targeted = [s.name for s in specs if s.components and int(meta["num_classes"]) < 4]
+    if targeted:  # AutoAttack's targeted DLR loss reads the 4th-largest logit
+        raise ConfigError(f"{targeted[0]} needs a model of at least 4 classes (its targeted DLR loss), this one has "
+                          f"{meta['num_classes']}; evaluate it with pgd/cw attacks")
     same_data = dataset == run_config.get("dataset")  # then the images are read as the run read them
+    image_size = protocol.image_size if protocol.image_size is not None else (
+        run_config.get("image_size", 0) if same_data else 0)
     test = load_dataset(dataset, data_dir or run_config.get("data_dir"), val_size=0,
                         cache_dir=run_config.get("cache_dir"), loader=run_config.get("loader", "auto") if same_data
-                        else "auto", image_size=run_config.get("image_size", 0) if same_data else 0).test
-    _check_fits(test.image_shape, test.labels, meta, dataset)
+                        else "auto", image_size=image_size).test
+    _check_fits(test.image_shape, test.labels, meta, dataset, protocol.image_size is not None)
     largest = max_radius(norm, math.prod(test.image_shape))
     for flag, value in (("--eps", eps), ("--step-size", step_size)):
         if value is not None and value > largest:
@@ -135,16 +143,19 @@ def evaluate_saved(target: str | Path, protocol: SavedProtocol, *, name: str | N
     log(result_table(result))
     report_path = folder / f"eval-{name}.json"
     extra = dict(checkpoint=dict(path=meta["path"], method=meta.get("method"), epoch=meta.get("epoch")),
-                 subset=dict(n_examples=len(index), test_size=len(test.labels), seed=seed, stratified=True))
+                 subset=dict(n_examples=len(index), test_size=len(test.labels), seed=seed, stratified=True),
+                 **({"protocol": protocol.name, "image_size": test.image_shape[-1]} if protocol.name else {}))
     atomic_write_json(report_path, model_info(result, name, meta["arch"], dataset, extra))
     state_path.unlink(missing_ok=True)
     return report_path, result
 
 
-def _check_fits(image_shape: tuple[int, ...], labels: Tensor, meta: dict[str, Any], dataset: str) -> None:
-    """The dataset must have the image shape and classes the model was trained for."""
+def _check_fits(image_shape: tuple[int, ...], labels: Tensor, meta: dict[str, Any], dataset: str,
+                sized: bool = False) -> None:
+    """The dataset must have the image shape (unless an image size was asked for: a model that pools globally
+    takes any) and the classes the model was trained for."""
     shape = tuple(meta.get("image_shape") or ())
-    if shape and tuple(image_shape) != shape:
+    if shape and not sized and tuple(image_shape) != shape:
         raise DataError(f"{dataset} images have shape {tuple(image_shape)} but the model was trained on {shape}")
     if len(labels) and int(labels.max()) >= int(meta["num_classes"]):
         raise DataError(f"{dataset} has labels up to {int(labels.max())} but the model has "

@@ -265,7 +265,7 @@ class Trainer:
         row = self._epoch_row(epoch, val_clean, val_robust, eval_watch.seconds)
         self._record(row)
         score = val_robust if val_robust == val_robust else val_clean  # NaN when no PGD / empty split
-        improved = score > progress.best_val_robust
+        improved = score > progress.best_val_robust or score != score  # no validation split: best.pt is the last
         if improved:
             progress.best_val_robust, progress.best_epoch = score, epoch + 1
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
