@@ -41,6 +41,16 @@ def test_type_errors_name_the_key(values, message):
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"lr": -0.1}, "lr must be > 0"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of stop, skip"),
+    ({"loader": "disk"}, "loader must be one of auto, device, stream"),
+    ({"loader": "stream"}, "--loader stream and --image-size apply to the datasets that stream"),
+    ({"dataset": "imagenet", "data_dir": ".", "resize_schedule": "0=128,x"}, "must be EPOCH=SIZE pairs"),
+    ({"dataset": "imagenet", "data_dir": ".", "resize_schedule": "3=128,1=160"}, "needs increasing epochs"),
+    ({"dataset": "imagenet", "data_dir": ".", "resize_schedule": "0=128", "method": "fgsm_pgi"},
+     "fgsm_pgi keeps perturbations of the image's shape"),
+    ({"resize_schedule": "0=16"}, "--resize-schedule resizes streamed images"),
+    ({"pretrained": True}, "--pretrained and --weights apply to timm:NAME"),
+    ({"epochs": 2, "freeze_epochs": 2}, "freeze_epochs must be in 0..epochs-1"),
+    ({"warmup_epochs": -1.0}, "warmup_epochs must be in"),
 ])
 def test_range_errors_are_one_line(values, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -166,6 +166,23 @@ def test_two_ranks_together_see_the_global_batches_and_each_image_once(streamed)
     assert sorted(seen.tolist()) == list(range(len(streamed.train)))
 
 
+def test_progressive_resizing_changes_the_training_size_by_epoch_only(streamed):
+    loader = StreamLoader(streamed.train, 6, augment="resized_crop_flip", workers=0, resize=((1, 16), (2, 20)))
+    sizes = [{tuple(x.shape[2:]) for x, _ in loader.epoch(epoch)} for epoch in range(3)]
+    assert sizes == [{(24, 24)}, {(16, 16)}, {(20, 20)}]  # before the first entry: the dataset's own size
+    assert streamed.val.images.shape[2:] == (24, 24)  # validation and test keep --image-size
+
+
+def test_steps_per_epoch_ends_each_epoch_early_on_both_loaders(streamed):
+    from backsmooth.data import ArrayDataset, DeviceLoader
+    full = batches(StreamLoader(streamed.train, 4, workers=0, seed=2), 0)
+    capped = StreamLoader(streamed.train, 4, workers=0, seed=2, steps=2)
+    assert len(capped) == 2 and all(torch.equal(a[2], b[2]) for a, b in zip(full, batches(capped, 0)))
+    memory = ArrayDataset(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
+    assert len(DeviceLoader(memory, 3, steps=2)) == 2 and len(list(DeviceLoader(memory, 3, steps=2).epoch(0))) == 2
+    assert len(DeviceLoader(memory, 3, steps=9)) == 3  # at most the whole epoch
+
+
 def test_an_image_that_fails_in_a_worker_is_one_line_naming_it(tmp_path):
     write_imagenet(tmp_path / "data", train=2, val=1)
     bad = tmp_path / "data" / "train" / "bee" / "0.JPEG"

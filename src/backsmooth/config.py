@@ -51,6 +51,9 @@ class RunConfig:
     image_size: int = _field(0, "side in pixels of streamed images, square (0: the dataset's own, 224 for imagenet "
                                 "and for folders of mixed sizes)")
     workers: int = _field(-1, "processes that decode streamed images (-1: the CPUs this process may use, at most 8)")
+    resize_schedule: str = _field("", "progressive resizing of streamed training images, EPOCH=SIZE,... such as "
+                                      "0=128,6=192,12=224 (0-based epochs; validation and test stay at --image-size; "
+                                      "default: none)")
     # model
     arch: str = _field("small_cnn", "architecture name, or MODULE:FUNCTION for your own model factory")
     init_from: str | None = _field(None, "start from trained weights (fine-tuning): a run directory (its best.pt, "
@@ -75,6 +78,8 @@ class RunConfig:
     # optimisation
     epochs: int = _field(10, "passes over the training set")
     batch_size: int = _field(128, "global batch (split evenly across torchrun processes)")
+    steps_per_epoch: int = _field(0, "end every epoch after this many batches of its shuffled order (0: the whole "
+                                     "training set); for short runs on large data, the schedule counts these steps")
     lr: float = _field(0.1, "peak learning rate of the schedule")
     momentum: float = _field(0.9, "SGD momentum")
     weight_decay: float = _field(5e-4, "SGD weight decay (L2 on every parameter)")
@@ -233,6 +238,7 @@ def validate(config: RunConfig) -> RunConfig:
            else f"eps must be a finite number > 0 at {c.norm} (e.g. 0.5), got {c.eps}")
     _check(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
     _check(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
+    _check(c.steps_per_epoch >= 0, f"steps_per_epoch must be >= 0 (0: whole epochs), got {c.steps_per_epoch}")
     _check(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
     _check(c.lr > 0, f"lr must be > 0, got {c.lr}")
     _check(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
@@ -270,6 +276,15 @@ def validate(config: RunConfig) -> RunConfig:
     _check(0 <= c.freeze_epochs < c.epochs, f"freeze_epochs must be in 0..epochs-1 ({c.epochs - 1}), got "
                                             f"{c.freeze_epochs}")
     _check(0 <= c.warmup_epochs <= c.epochs, f"warmup_epochs must be in [0, epochs], got {c.warmup_epochs}")
+    resize = schedules.parse_resize_schedule(c.resize_schedule)
+    _check(not resize or (kind.streams and c.loader != "device"),
+           f"--resize-schedule resizes streamed images: use a dataset that streams, not {c.dataset} with --loader "
+           f"{c.loader}")
+    last_start = resize[-1][0] if resize else 0
+    _check(last_start < c.epochs, f"--resize-schedule starts a size at epoch {last_start}, after the last epoch "
+                                  f"({c.epochs - 1})")
+    _check(not resize or not cls.image_state, f"{c.method} keeps perturbations of the image's shape from step to "
+                                              f"step, which cannot change size: drop --resize-schedule")
     _check(c.loader in LOADERS, f"loader must be one of {', '.join(LOADERS)}, got {c.loader!r}")
     _check(c.image_size >= 0, f"image_size must be >= 0 pixels (0: the dataset's own), got {c.image_size}")
     _check(c.workers >= -1, f"workers must be >= 0, or -1 for the default, got {c.workers}")

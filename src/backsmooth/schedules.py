@@ -104,3 +104,26 @@ def stage_drops(epochs: int, drops: dict[int, float]) -> str:
         points += [f"{fraction!r}={current:g}", f"{fraction!r}={multiplier:g}"]
         current = multiplier
     return "piecewise:" + ",".join([*points, f"1={current:g}"])
+
+
+def parse_resize_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """Progressive resizing `EPOCH=SIZE,...` (0-based epochs, increasing) as ((epoch, size), ...); '' is none."""
+    if not text.strip():
+        return ()
+    pairs = []
+    for part in text.split(","):
+        epoch, _, size = part.partition("=")
+        try:
+            pairs.append((int(epoch), int(size)))
+        except ValueError:
+            raise ConfigError(f"resize_schedule must be EPOCH=SIZE pairs such as 0=128,6=192,12=224, got "
+                              f"{part!r}") from None
+    epochs = [e for e, _ in pairs]
+    if epochs != sorted(set(epochs)) or epochs[0] < 0 or any(size < 1 for _, size in pairs):
+        raise ConfigError(f"resize_schedule needs increasing epochs from 0 and sizes >= 1 pixel, got {text!r}")
+    return tuple(pairs)
+
+
+def size_at(schedule: tuple[tuple[int, int], ...], epoch: int, default: int) -> int:
+    """The training image size of `epoch`: the last schedule entry at or before it, else `default`."""
+    return next((size for start, size in reversed(schedule) if start <= epoch), default)

@@ -32,6 +32,12 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     return torch.randperm(n, generator=_generator(seed, epoch)) if shuffle else torch.arange(n)
 
 
+def epoch_steps(n: int, batch_size: int, drop_last: bool, cap: int = 0) -> int:
+    """Batches per epoch of n examples: the full ones (and a short last one unless drop_last), at most `cap` > 0."""
+    steps = n // batch_size if drop_last else -(-n // batch_size)
+    return min(steps, cap) if cap else steps
+
+
 def shard_of(rank: int, world_size: int, size: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous slice [lo, hi) of a global batch of `size`; a short batch is split evenly."""
     return rank * size // world_size, (rank + 1) * size // world_size
@@ -41,12 +47,13 @@ class DeviceLoader:
     """Whole uint8 dataset on the training device; batched augmentation as tensor ops; no workers.
 
     `batch_size` is the global batch: with `world_size` > 1, rank `rank` gets its contiguous share of
-    every global batch, so the union over ranks equals the batch a single process would see.
+    every global batch, so the union over ranks equals the batch a single process would see. `steps` > 0 ends
+    every epoch after that many batches of its order (--steps-per-epoch).
     """
 
     def __init__(self, data: ArrayDataset, batch_size: int, *, augment: str = "none", shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu",
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, steps: int = 0) -> None:
         if augment not in AUGMENTS:
             raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENTS)}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -60,12 +67,11 @@ class DeviceLoader:
         self.labels = data.labels.to(self.device)
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.padding = CROP_PADDING if augment == "crop_flip" else 0
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.steps = seed, rank, world_size, steps
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return epoch_steps(len(self.labels), self.batch_size, self.drop_last, self.steps)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches (x float32 in [0, 1] NCHW, y int64), both on the device, for steps start_step.. of `epoch`."""

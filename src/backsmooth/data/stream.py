@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from backsmooth.data.dataset import unit_float
 from backsmooth.data.files import open_image, rgb_image
-from backsmooth.data.loader import CROP_PADDING, epoch_order, shard_of
+from backsmooth.data.loader import CROP_PADDING, epoch_order, epoch_steps, shard_of
 from backsmooth.errors import DataError
+from backsmooth.schedules import size_at
 
 STREAM_AUGMENTS = ("none", "flip", "crop_flip", "resized_crop_flip")
 RESIZED_CROP_SCALE, RESIZED_CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # the standard ImageNet training crop
@@ -96,15 +97,18 @@ class FileDataset:
         return FileDataset(self.encoded, self.labels[picked].contiguous(), self.size, self.crop_fraction,
                            self.index[picked.numpy()], self.workers)
 
-    def decoded(self, i: int, augment: str = "none", rng: random.Random | None = None) -> np.ndarray:
-        """Example i as uint8 (3, size, size): the evaluation view, or a training view drawn from `rng`."""
+    def decoded(self, i: int, augment: str = "none", rng: random.Random | None = None,
+                size: int | None = None) -> np.ndarray:
+        """Example i as uint8 (3, S, S), S = `size` or the dataset's: the evaluation view, or a training view drawn
+        from `rng`."""
+        size = size or self.size
         position = int(self.index[i])
         name = self.encoded.name(position)
         with open_image(self.encoded.source(position), name) as image:
             if augment == "resized_crop_flip":
-                pixels = _resized_crop(image, name, self.size, rng)
+                pixels = _resized_crop(image, name, size, rng)
             else:
-                pixels = _center_view(rgb_image(image, name), self.size, self.crop_fraction)
+                pixels = _center_view(rgb_image(image, name), size, self.crop_fraction)
                 if augment == "crop_flip":
                     pixels = _padded_crop(pixels, rng)
         if augment != "none" and rng.random() < 0.5:
@@ -186,10 +190,11 @@ def example_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class _Decoder(Dataset):
-    """Item (i, epoch) -> (uint8 (3, S, S), label, i), augmented with draws from (seed, epoch, i)."""
+    """Item (i, epoch) -> (uint8 (3, S, S), label, i), augmented with draws from (seed, epoch, i), at the size
+    `resize` (progressive resizing: ((epoch, size), ...)) gives that epoch, else the dataset's."""
 
-    def __init__(self, data: FileDataset, augment: str, seed: int) -> None:
-        self.data, self.augment, self.seed = data, augment, seed
+    def __init__(self, data: FileDataset, augment: str, seed: int, resize: tuple[tuple[int, int], ...] = ()) -> None:
+        self.data, self.augment, self.seed, self.resize = data, augment, seed, resize
 
     def __len__(self) -> int:
         return len(self.data)
@@ -197,7 +202,8 @@ class _Decoder(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         i, epoch = item
         rng = example_rng(self.seed, epoch, i) if self.augment != "none" else None
-        return torch.from_numpy(self.data.decoded(i, self.augment, rng)), int(self.data.labels[i]), i
+        size = size_at(self.resize, epoch, self.data.size)
+        return torch.from_numpy(self.data.decoded(i, self.augment, rng, size)), int(self.data.labels[i]), i
 
 
 def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,11 +243,14 @@ class _EpochBatches:
 
 class StreamLoader:
     """Training batches of a FileDataset decoded by `workers` processes, pinned and copied to the device one batch
-    ahead; the same interface and the same reproducibility as DeviceLoader (see the module's docstring)."""
+    ahead; the same interface and the same reproducibility as DeviceLoader (see the module's docstring).
+    `resize` ((epoch, size), ...) decodes the training images of those epochs at that size (progressive
+    resizing); the dataset's own size holds before its first entry."""
 
     def __init__(self, data: FileDataset, batch_size: int, *, augment: str = "none", shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0,
-                 world_size: int = 1, workers: int | None = None, prefetch: int = 4) -> None:
+                 world_size: int = 1, workers: int | None = None, prefetch: int = 4,
+                 resize: tuple[tuple[int, int], ...] = (), steps: int = 0) -> None:
         if augment not in STREAM_AUGMENTS:
             raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(STREAM_AUGMENTS)}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
@@ -249,18 +258,17 @@ class StreamLoader:
                             f"world_size, got batch_size {batch_size}, rank {rank}, world_size {world_size}")
         self.data, self.batch_size, self.augment = data, batch_size, augment
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.device, self.rank, self.world_size, self.steps = torch.device(device), rank, world_size, steps
         self.workers = default_workers() if workers is None else workers
         self._sampler = _EpochBatches(self)
-        self._loader = DataLoader(_Decoder(data, augment, seed), batch_sampler=self._sampler,
+        self._loader = DataLoader(_Decoder(data, augment, seed, resize), batch_sampler=self._sampler,
                                   num_workers=self.workers, collate_fn=_collate,
                                   pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                                   prefetch_factor=prefetch if self.workers else None)
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return epoch_steps(len(self.data), self.batch_size, self.drop_last, self.steps)
 
     def shard(self, size: int) -> tuple[int, int]:
         """This rank's slice [lo, hi) of a global batch of `size`."""

@@ -86,6 +86,7 @@ class TrainingMethod:
     # without overfitting: the guard logs its counts but records no collapse
     single_step_attack: ClassVar[bool] = True
     needs_index: ClassVar[bool] = False  # the trainer passes context.index (loader indices)
+    image_state: ClassVar[bool] = False  # keeps tensors of the image's shape across steps (no progressive resizing)
     shared_state: ClassVar[bool] = True  # state identical on every process (else each rank's own is saved)
     double_backprop: ClassVar[bool] = False  # differentiates input gradients of training forwards (GradAlign)
     # the authors' CIFAR-10 protocol where it differs from the common one (epochs, lr, schedule, batch, ...),

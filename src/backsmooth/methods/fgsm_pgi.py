@@ -52,6 +52,7 @@ def _gather_rows(*tensors: Tensor) -> list[Tensor]:
 @dataclasses.dataclass(frozen=True)
 class FGSMPGI(TrainingMethod):
     name = "fgsm_pgi"
+    image_state = True  # its memory has the image's shape
     summary = "FGSM-PGI: FGSM from each example's remembered perturbation + prior-guided regulariser"
     needs_index = True
     label_smoothing_applies = False  # the authors' soft labels (--smoothing) in the attack and the loss

@@ -22,6 +22,7 @@ from backsmooth.methods.registry import register
 @dataclasses.dataclass(frozen=True)
 class FreeAT(TrainingMethod):
     name = "free_at"
+    image_state = True  # its memory has the image's shape
     summary = "Free-AT: m replays of each batch, the perturbation updated from the training backward itself"
     shared_state = False  # each process carries the perturbation of its own batch rows
     # the authors' CIFAR-10 run: 80k optimiser steps at batch 128 (26 epochs of 8 replays), lr /10 at 50% and 75%

@@ -37,6 +37,7 @@ def random_smoothed_cross_entropy(logits: Tensor, y: Tensor, smoothing: float, d
 @dataclasses.dataclass(frozen=True)
 class LIET(TrainingMethod):
     name = "liet"
+    image_state = True  # its memory has the image's shape
     summary = "LIET: FGSM from a label-informed start (a class-wise universal perturbation) + a JS consistency term"
     label_smoothing_applies = False  # the benchmark's randomly smoothed labels (--smoothing) in attack and loss
     # the benchmark's CIFAR-10 run (configs/cifar10/liet.yaml): 100 epochs, one-cycle lr 0.1, weight averaging 0.9995

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from backsmooth import distributed as dist
-from backsmooth import methods, models
+from backsmooth import methods, models, schedules
 from backsmooth.checkpoint import load_model, load_state_into
 from backsmooth.config import RunConfig
 from backsmooth.data import DatasetSplits, DeviceLoader, FileDataset, StreamLoader, dataset_kind, load_dataset
@@ -160,8 +160,12 @@ def build_loader(config: RunConfig, data: DatasetSplits, runtime: Runtime) -> De
     """Shuffled, augmented training batches; each rank gets its shard of every global batch. A streamed dataset
     (FileDataset) gets worker processes that decode; one in memory stays on the device."""
     common = dict(augment=data.augment, shuffle=True, drop_last=True, seed=config.seed, device=runtime.device,
-                  rank=runtime.proc.rank, world_size=runtime.proc.world_size)
-    loader = (StreamLoader(data.train, config.batch_size, workers=config.decode_workers(), **common)
+                  rank=runtime.proc.rank, world_size=runtime.proc.world_size, steps=config.steps_per_epoch)
+    resize = schedules.parse_resize_schedule(config.resize_schedule)
+    if resize and not isinstance(data.train, FileDataset):
+        raise ConfigError("--resize-schedule resizes streamed images; this dataset is decoded in memory: add "
+                          "--loader stream")
+    loader = (StreamLoader(data.train, config.batch_size, workers=config.decode_workers(), resize=resize, **common)
               if isinstance(data.train, FileDataset) else DeviceLoader(data.train, config.batch_size, **common))
     if len(loader) == 0:
         raise ConfigError(f"batch_size {config.batch_size} is larger than the training set "
