@@ -20,7 +20,7 @@ images = torch.rand(48, 3, 16, 16, generator=generator)
 labels = torch.randint(0, 10, (48,), generator=generator)
 # three global batches of 16; examples come back in later batches, in other positions (so on other ranks)
 batches = [torch.arange(0, 16), torch.arange(8, 24).flip(0), torch.arange(0, 48, 3)]
-options = {"fgsm_pgi": {"reset": 10}, "elle_a": {}, "free_at": {"replay": 1}}
+options = {"fgsm_pgi": {"reset": 10}, "elle_a": {}, "free_at": {"replay": 1}, "fgsm_rs_cs": {}}
 states = {}
 for name, kw in options.items():
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def test_backward_smoothing_is_close_to_trades(results):
     assert results["backward_smoothing"]["clean_acc"] > 0.9
 
 
-NEW_METHODS = ("n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at", "mart", "liet")
+NEW_METHODS = ("n_fgsm", "gat", "nuat", "fgsm_pgi", "elle", "elle_a", "free_at", "mart", "liet", "fgsm_rs_cs")
 
 
 @pytest.fixture(scope="module")

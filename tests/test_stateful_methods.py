@@ -1,7 +1,7 @@
 """Methods with state (FGSM-PGI's per-example memory, ELLE-A's error statistics, Free-AT's carried
-perturbation, LIET's label-informed perturbation), the newest method (MART) and TRADES with adversarial weight
-perturbation (--awp): a SIGKILL at any moment and --resume give weights bitwise equal to an uninterrupted run,
-and under torchrun (2 CPU processes, gloo) a run equals one process with the same global batch.
+perturbation, LIET's label-informed perturbation, FGSM-RS-CS's epoch means of the benign loss), MART and TRADES
+with adversarial weight perturbation (--awp): a SIGKILL at any moment and --resume give weights bitwise equal to an
+uninterrupted run, and under torchrun (2 CPU processes, gloo) a run equals one process with the same global batch.
 
 As in test_distributed.py, exact equality across process counts needs a batch-independent model
 (small_cnn_gn: GroupNorm), since BatchNorm statistics are per process without SyncBatchNorm."""
@@ -43,7 +43,7 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", (*STATEFUL, "mart", "trades+awp"))
+@pytest.mark.parametrize("method", (*STATEFUL, "mart", "trades+awp", "fgsm_rs_cs"))
 def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
     cache = tmp_path / "cache"
     reference = run(train_args(method, tmp_path / "reference", cache, "--checkpoint-every", "3"))
@@ -91,3 +91,8 @@ def test_two_processes_compute_the_state_of_one(tmp_path):
     rows = torch.cat([rank_state["delta"] for rank_state in split["free_at"]])  # each rank's batch rows, in order
     assert torch.isclose(rows, one["free_at"][0]["delta"], rtol=1e-4, atol=1e-7).float().mean() > 0.999
     assert rows.abs().max() > 0  # the perturbation moved
+    # FGSM-RS-CS: the benign loss is summed over the processes, so both hold the same sums, over the global batch
+    # (its random starts come from each rank's own generator, so the sums are not the single process's)
+    first, second = split["fgsm_rs_cs"]
+    assert torch.equal(first["sum"], second["sum"]) and float(first["sum"]) > 0
+    assert float(first["count"]) == float(one["fgsm_rs_cs"][0]["count"]) == 48

@@ -25,8 +25,9 @@ from backsmooth.methods.elle import ELLE, ELLEA
 from backsmooth.methods.free_at import FreeAT
 from backsmooth.methods.mart import MART
 from backsmooth.methods.liet import LIET
+from backsmooth.methods.fgsm_rs_cs import FGSMRSCS
 
 __all__ = ["build", "names", "method_class", "options", "register", "takers", "hyperparameter", "Option", "Stats",
            "StepContext",
            "TrainingMethod", "BackwardSmoothing", "TRADES", "FastTRADES", "PGDAT", "FGSMRS", "GradAlign", "Natural",
-           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT", "MART", "LIET"]
+           "NFGSM", "GAT", "NuAT", "FGSMPGI", "ELLE", "ELLEA", "FreeAT", "MART", "LIET", "FGSMRSCS"]
