@@ -58,7 +58,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--protocol {args.protocol} sets {flag} to {shown}; drop {flag} or the protocol")
     chosen = {key: named.get(key, value) if value is None else value for key, value in chosen.items()}
     try:
-        protocol = SavedProtocol(chosen["attacks"] or "pgd20,cw20", chosen["n_examples"] or 1000, args.batch_size,
+        protocol = SavedProtocol("pgd20,cw20" if chosen["attacks"] is None else chosen["attacks"],
+                                 1000 if chosen["n_examples"] is None else chosen["n_examples"], args.batch_size,
                                  args.seed, chosen["eps"], step_size, chosen["dataset"], args.data_dir,
                                  chosen["norm"], chosen["image_size"], args.protocol or "")
         path, _ = evaluate_saved(args.target, protocol, name=args.name, out=args.out, device=args.device,
