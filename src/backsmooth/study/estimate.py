@@ -39,7 +39,8 @@ class DataFacts:
 def data_facts(config: RunConfig) -> DataFacts:
     """Training-set size, image shape and classes of a run's dataset (read from the dataset cache)."""
     data = load_dataset(config.dataset, config.data_dir, val_size=default_val_size(config), seed=config.seed,
-                        cache_dir=config.cache_dir)
+                        cache_dir=config.cache_dir, loader=config.loader, image_size=config.image_size,
+                        workers=config.decode_workers())
     return DataFacts(len(data.train), tuple(data.image_shape), data.num_classes)
 
 
@@ -73,6 +74,7 @@ def counted_units(method: str, hyperparameters: tuple[tuple[str, Any], ...]) -> 
 def train_units(config: RunConfig, facts: DataFacts) -> float:
     """F per example summed over the whole run (full batches only, as the loader drops the last)."""
     batches = facts.train_size // config.batch_size
+    batches = min(batches, config.steps_per_epoch) if config.steps_per_epoch else batches
     return float(step_units(config) * batches * config.batch_size * config.epochs)
 
 
