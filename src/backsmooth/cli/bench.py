@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps", type=int, default=3, help="steps per timed repetition (default: %(default)s)")
     add("--epoch-images", type=int, default=50_000,
         help="images in the data-pipeline epoch (0: skip; default: %(default)s)")
+    add("--peak-tflops", type=float, help="the device's peak TFLOP/s for the MFU column (default: the table of "
+                                         "common GPUs' dense bf16 peaks; none on a CPU)")
     add("--json", help="write all results to this JSON file (default: none, the table only)")
 
 
@@ -42,13 +44,16 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.warmup < 0 or args.epoch_images < 0:
         raise ConfigError("--warmup and --epoch-images must be >= 0")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < float("inf"):
+        raise ConfigError(f"--peak-tflops must be a finite number > 0, got {args.peak_tflops}")
     if not 0 <= args.awp < float("inf"):
         raise ConfigError(f"--awp must be a finite number >= 0 (0: off), got {args.awp}")
     _check_sizes(args)
     names = tuple(n.strip() for n in args.methods.split(",") if n.strip())
     setup = BenchSetup(args.arch, args.batch_size, (args.channels, args.image_size, args.image_size),
                        args.num_classes, parse_number(args.eps, "--eps"), args.compile, args.warmup, args.repeats,
-                       args.steps, args.epoch_images, norm=norm_name(args.norm), awp=args.awp)
+                       args.steps, args.epoch_images, norm=norm_name(args.norm), awp=args.awp,
+                       peak_tflops=args.peak_tflops)
     runtime = Runtime(resolve_device(args.device), args.precision, args.channels_last)
     result = run_benchmark(setup, names, runtime)
     print(bench_table(result))

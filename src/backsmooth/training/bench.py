@@ -5,7 +5,8 @@ training and to our TRADES-10, the passes each step makes (counted with hooks) a
 floor of docs/algorithms.md#cost-in-forward-passes (`?` for a method that declares none), and peak
 memory. A benchmark-only row, `trades_reference`, recreates the pass structure of the TRADES
 reference code (clean forward recomputed in every attack step and in the loss) so both comparisons
-of the paper can be read off one table.
+of the paper can be read off one table. Each row also gives the TFLOP/s the step does and its model FLOPs
+utilisation (training/flops.py).
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from backsmooth.methods import TRADES
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod
 from backsmooth.runtime import Runtime, device_name, resolve_device, synchronize
 from backsmooth.training.awp import WeightPerturbation
+from backsmooth.training.flops import achieved_tflops, device_peak_tflops, forward_flops
 from backsmooth.training.setup import Parts
 from backsmooth.training.step import training_step
 from backsmooth.units import threat_model_text
@@ -192,6 +194,7 @@ class BenchSetup:
     seed: int = 0
     norm: str = "linf"  # the threat model the methods attack in
     awp: float = 0.0  # adversarial weight perturbation around each method's step (0: off)
+    peak_tflops: float | None = None  # the device's peak for MFU (None: the table's, flops.PEAK_TFLOPS)
 
 
 def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...] = (),
@@ -210,6 +213,9 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
     generator = torch.Generator().manual_seed(setup.seed)
     x = torch.rand(batch_size, *image_shape, generator=generator).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=generator).to(dev)
+    torch.manual_seed(setup.seed)
+    flops = forward_flops(models.build(setup.arch, num_classes, in_channels=image_shape[0]), image_shape)
+    peak = device_peak_tflops(device_name(dev), setup.peak_tflops)
     rows = []
     for name in names:
         torch.manual_seed(setup.seed)
@@ -228,6 +234,8 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
         rows.append({
             "method": name, "seconds_per_step": median, "seconds_per_repeat": times,
             "images_per_second": batch_size / median,
+            "tflops": achieved_tflops(flops, passes.f_units, batch_size / median),
+            "mfu": achieved_tflops(flops, passes.f_units, batch_size / median) / peak if peak else None,
             "passes": dataclasses.asdict(passes), "f_units": passes.f_units, "floor_f_units": floor,
             "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         })
@@ -241,7 +249,8 @@ def run_benchmark(setup: BenchSetup = BenchSetup(), method_names: tuple[str, ...
         "eps": setup.eps, "norm": setup.norm, "awp": setup.awp, "device": str(dev), "device_name": device_name(dev),
         "precision": precision,
         "channels_last": channels_last, "compile": setup.compile, "warmup": setup.warmup, "repeats": setup.repeats,
-        "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+        "steps_per_repeat": setup.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "forward_flops": flops, "peak_tflops": peak, "rows": rows,
     }
     epoch_images = setup.epoch_images
     if epoch_images and "natural" in by_name:
@@ -262,7 +271,7 @@ def bench_table(result: dict[str, Any]) -> str:
              f"{', channels_last' if result['channels_last'] else ''}{', compiled' if result['compile'] else ''}"
              + (f", AWP gamma {result['awp']:g} (its proxy step in F and floor)" if result.get("awp") else ""),
              f"{'method':<20} {'s/step':>8} {'img/s':>8} {'x natural':>9} {'x FGSM-RS':>9} {'x TRADES-10':>11} "
-             f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9}"]
+             f"{'passes (c/ig/tr/db)':>19} {'F':>4} {'floor':>5} {'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6}"]
     for row in result["rows"]:
         p = row["passes"]
         passes = f"{p['clean_forward']}/{p['input_gradient']}/{p['training']}/{p['double_backprop']}"
@@ -270,8 +279,15 @@ def bench_table(result: dict[str, Any]) -> str:
         floor = "?" if row["floor_f_units"] is None else row["floor_f_units"]  # a method without floor_units()
         ratios = " ".join(f"{row.get(f'ratio_to_{r}', float('nan')):>{w}.{d}f}"
                           for r, w, d in (("natural", 9, 2), ("fgsm_rs", 9, 2), ("trades", 11, 3)))
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "n/a"
         lines.append(f"{row['method']:<20} {row['seconds_per_step']:>8.4f} {row['images_per_second']:>8.0f} "
-                     f"{ratios} {passes:>19} {row['f_units']:>4} {floor:>5} {memory:>9}")
+                     f"{ratios} {passes:>19} {row['f_units']:>4} {floor:>5} {memory:>9} "
+                     f"{row.get('tflops', float('nan')):>8.3f} {mfu:>6}")
+    if "forward_flops" in result:
+        peak = result["peak_tflops"]
+        lines.append(f"one forward: {result['forward_flops'] / 1e9:.3f} GFLOP per image; TFLOP/s = that x F x img/s; "
+                     + (f"MFU against a peak of {peak:g} TFLOP/s (dense bf16)" if peak else
+                        "MFU n/a: no peak known for this device (--peak-tflops)"))
     if "data_pipeline" in result:
         d = result["data_pipeline"]
         lines.append(f"data pipeline: {d['seconds_per_epoch']:.3f} s per epoch of {d['images']} images = "
