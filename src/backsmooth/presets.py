@@ -101,8 +101,20 @@ def _awp_presets(base: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return presets
 
 
+def _speedrun_presets(base: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The GPU speedrun (docs/reproduction.md#the-gpu-speedrun): Backward Smoothing on ResNet-18 for the paper's
+    100 epochs under the controlled recipe, and a short schedule in the manner of fast_adversarial's CIFAR-10 run
+    (PreAct ResNet-18, 30 one-cycle epochs peaking at lr 0.2) with the controlled recipe's label smoothing and a
+    faster weight average; both in bf16 with channels-last. Neither has been run yet."""
+    fast = dict(precision="bf16", channels_last=True)
+    long = dict(base["cifar10-resnet18-backward_smoothing-wa"], **fast)
+    short = dict(long, arch="preact_resnet18", epochs=30, lr=0.2, weight_averaging=0.999)
+    return {"speedrun-cifar10-resnet18-backward_smoothing-100": long,
+            "speedrun-cifar10-preact_resnet18-backward_smoothing-30": short}
+
+
 _BASE = {**_cpu_presets(), **_paper_presets(), **_controlled_presets()}
-PRESETS: dict[str, dict[str, Any]] = {**_BASE, **_l2_presets(_BASE), **_awp_presets(_BASE)}
+PRESETS: dict[str, dict[str, Any]] = {**_BASE, **_l2_presets(_BASE), **_awp_presets(_BASE), **_speedrun_presets(_BASE)}
 
 
 def preset(name: str) -> dict[str, Any]:
