@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from processes import kill_after_two_checkpoints
 from torch import nn
 
 from backsmooth import methods
@@ -77,14 +77,7 @@ def test_resume_with_averaging_is_bitwise(tmp_path):
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(out, cache), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.prev.pt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_two_checkpoints(_train_command(out, cache), out, env)
     resumed = subprocess.run(_train_command(out, cache, "--resume"), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr

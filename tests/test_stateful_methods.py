@@ -8,14 +8,13 @@ As in test_distributed.py, exact equality across process counts needs a batch-in
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import kill_after_two_checkpoints
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STATEFUL = ("fgsm_pgi", "elle_a", "free_at", "liet")
@@ -49,15 +48,8 @@ def test_sigkill_and_resume_is_bitwise_identical(method, tmp_path):
     reference = run(train_args(method, tmp_path / "reference", cache, "--checkpoint-every", "3"))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, *train_args(method, out, cache, "--checkpoint-every", "3")],
-                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.prev.pt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)  # two checkpoints written: the method state has been saved and changed since
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (out / "summary.json").exists()
+    # two checkpoints written: the method state has been saved and changed since
+    kill_after_two_checkpoints([sys.executable, *train_args(method, out, cache, "--checkpoint-every", "3")], out, env())
     resumed = run(train_args(method, out, cache, "--checkpoint-every", "3", "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     a, b = weights(tmp_path / "reference"), weights(out)

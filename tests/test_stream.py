@@ -7,16 +7,15 @@ written."""
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import kill_after_two_checkpoints
 
 from backsmooth.data import FileDataset, StreamLoader, load_dataset
 from backsmooth.data.stream import RESIZED_CROP_RATIO, EncodedImages, _crop_box
@@ -236,14 +235,8 @@ def test_sigkill_mid_epoch_and_resume_give_the_same_weights(tmp_path):
     reference = cli(*train_args(tmp_path / "data", tmp_path / "reference", *args))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "backsmooth", *train_args(tmp_path / "data", out, *args)],
-                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.prev.pt").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_two_checkpoints([sys.executable, "-m", "backsmooth", *train_args(tmp_path / "data", out, *args)], out,
+                               env())
     resumed = cli(*train_args(tmp_path / "data", out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["model"]
