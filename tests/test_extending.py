@@ -125,7 +125,7 @@ def test_registered_extensions_train_bench_and_evaluate(tmp_path, capsys):
                      "--epoch-images", "0"]) == 0
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if line.startswith("noisy_ce"))
-    assert row.split()[-3:-1] == ["3", "3"]  # measured F units equal the declared floor
+    assert row.split()[-5:-3] == ["3", "3"]  # measured F units equal the declared floor (then MiB, TFLOP/s, MFU)
 
 
 def test_a_registered_family_with_norms_attacks_at_l2_and_one_without_is_refused():
@@ -317,7 +317,7 @@ def test_a_method_without_floor_units_benches_with_an_unknown_floor_and_is_estim
                      "--image-size", "16", "--warmup", "0", "--repeats", "1", "--steps", "1", "--epoch-images", "0",
                      "--json", str(out)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("my_methods:PlainFGSM"))
-    assert row.split()[-3:-1] == ["5", "?"]  # counted F: one input-gradient step and a training pass; floor unknown
+    assert row.split()[-5:-3] == ["5", "?"]  # counted F (one input-gradient step, a training pass); floor unknown
     saved = {r["method"]: r for r in json.loads(out.read_text())["rows"]}["my_methods:PlainFGSM"]
     assert (saved["f_units"], saved["floor_f_units"]) == (5, None)
 
