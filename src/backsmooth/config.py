@@ -21,6 +21,7 @@ except ImportError:  # Python 3.10
 from backsmooth import methods, models, schedules
 from backsmooth.attacks.norms import norm_name, radius_warning
 from backsmooth.data import dataset_kind, dataset_names
+from backsmooth.data.load import check_streaming
 from backsmooth.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -288,9 +289,7 @@ def validate(config: RunConfig) -> RunConfig:
     _check(c.loader in LOADERS, f"loader must be one of {', '.join(LOADERS)}, got {c.loader!r}")
     _check(c.image_size >= 0, f"image_size must be >= 0 pixels (0: the dataset's own), got {c.image_size}")
     _check(c.workers >= -1, f"workers must be >= 0, or -1 for the default, got {c.workers}")
-    _check(kind.streams or (c.loader != "stream" and not c.image_size),
-           f"--loader stream and --image-size apply to the datasets that stream "
-           f"({', '.join(n for n in dataset_names() if dataset_kind(n).streams)}), not {c.dataset}")
+    check_streaming(c.dataset, c.loader, c.image_size)
     _check(c.val_pgd_steps >= 0, f"val_pgd_steps must be >= 0, got {c.val_pgd_steps}")
     _check(c.final_eval_examples >= 0, f"final_eval_examples must be >= 0, got {c.final_eval_examples}")
     _check(c.log_every >= 1, f"log_every must be >= 1, got {c.log_every}")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from backsmooth.data.files import image_files, open_image
 from backsmooth.data.sources import SourceOptions
-from backsmooth.data.stream import default_workers
+from backsmooth.data.stream import default_workers, worker_batches
 from backsmooth.errors import DataError
 
 Arrays = dict[str, np.ndarray]
@@ -85,10 +85,7 @@ def image_sizes(folder: Path, paths: np.ndarray, workers: int | None = None) -> 
     """(N, 2) width and height of every image, read from the headers by `workers` processes."""
     count = default_workers() if workers is None else workers
     loader = DataLoader(_Headers(folder, paths), batch_size=256, num_workers=count if len(paths) > 512 else 0)
-    try:
-        sizes = [batch for batch in loader]
-    except DataError as error:
-        raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    sizes = list(worker_batches(loader))
     return torch.cat(sizes).numpy() if sizes else np.zeros((0, 2), np.int64)
 
 

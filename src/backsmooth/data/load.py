@@ -78,6 +78,14 @@ def dataset_kind(name: str) -> DatasetKind:
     return DATASETS[name]
 
 
+def check_streaming(name: str, loader: str, image_size: int) -> None:
+    """--loader stream and --image-size are for the datasets that can stream; a one-line ConfigError otherwise."""
+    if not dataset_kind(name).streams and (loader == "stream" or image_size):
+        streaming = ", ".join(n for n, k in DATASETS.items() if k.streams)
+        raise ConfigError(f"--loader stream and --image-size apply to the datasets that stream ({streaming}), "
+                          f"not {name}")
+
+
 def default_data_dir() -> Path:
     """Where datasets are looked for (and downloaded to) without --data-dir.
 
@@ -100,10 +108,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, val_si
     if kind.needs_files and not folder.is_dir() and not (download and name in ARCHIVES):
         raise DataError(f"data directory {folder} does not exist; pass --data-dir DIR holding the {name} files "
                         f"(see docs/data.md)")
-    if not kind.streams and (loader == "stream" or image_size):
-        streaming = ", ".join(n for n, k in DATASETS.items() if k.streams)
-        raise ConfigError(f"--loader stream and --image-size apply to the datasets that stream ({streaming}), "
-                          f"not {name}")
+    check_streaming(name, loader, image_size)
     source = kind.read(SourceOptions(folder, download, DecodedCache(cache_root(cache_dir)), loader, image_size,
                                      workers))
     if not 0 <= val_size < len(source.train):

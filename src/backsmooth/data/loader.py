@@ -43,40 +43,58 @@ def shard_of(rank: int, world_size: int, size: int) -> tuple[int, int]:
     return rank * size // world_size, (rank + 1) * size // world_size
 
 
-class DeviceLoader:
-    """Whole uint8 dataset on the training device; batched augmentation as tensor ops; no workers.
+class EpochBatches:
+    """What both loaders share: the global batch, its shards and the epoch's length.
 
-    `batch_size` is the global batch: with `world_size` > 1, rank `rank` gets its contiguous share of
-    every global batch, so the union over ranks equals the batch a single process would see. `steps` > 0 ends
-    every epoch after that many batches of its order (--steps-per-epoch).
+    `batch_size` is the global batch: with `world_size` > 1, rank `rank` gets its contiguous share of every global
+    batch, so the union over ranks equals the batch a single process would see. `steps` > 0 ends every epoch
+    after that many batches of its order (--steps-per-epoch). A subclass yields the batches (`indexed_epoch`).
     """
 
-    def __init__(self, data: ArrayDataset, batch_size: int, *, augment: str = "none", shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu",
-                 rank: int = 0, world_size: int = 1, steps: int = 0) -> None:
-        if augment not in AUGMENTS:
-            raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENTS)}")
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, rank: int,
+                 world_size: int, steps: int) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size {batch_size}, "
                             f"rank {rank}, world_size {world_size}")
         if batch_size % world_size:
             raise DataError(f"the global batch size {batch_size} must be divisible by the number of processes "
                             f"({world_size}); choose a multiple of {world_size}")
-        self.device = torch.device(device)
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device)
-        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
-        self.padding = CROP_PADDING if augment == "crop_flip" else 0
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.steps = seed, rank, world_size, steps
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        return epoch_steps(len(self.labels), self.batch_size, self.drop_last, self.steps)
+        return epoch_steps(self.size, self.batch_size, self.drop_last, self.steps)
+
+    def shard(self, size: int) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
+        return shard_of(self.rank, self.world_size, size)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches (x float32 in [0, 1] NCHW, y int64), both on the device, for steps start_step.. of `epoch`."""
         for x, y, _ in self.indexed_epoch(epoch, start_step):
             yield x, y
+
+    def indexed_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """As `epoch`, with the dataset indices of each batch's examples (for per-example method memory)."""
+        raise NotImplementedError
+
+
+class DeviceLoader(EpochBatches):
+    """Whole uint8 dataset on the training device; batched augmentation as tensor ops; no workers."""
+
+    def __init__(self, data: ArrayDataset, batch_size: int, *, augment: str = "none", shuffle: bool = True,
+                 drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                 rank: int = 0, world_size: int = 1, steps: int = 0) -> None:
+        if augment not in AUGMENTS:
+            raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENTS)}")
+        super().__init__(len(data), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size, steps=steps)
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.augment = augment
+        self.padding = CROP_PADDING if augment == "crop_flip" else 0
 
     def indexed_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """As `epoch`, with the dataset indices of each batch's examples (for per-example method memory)."""
@@ -91,10 +109,6 @@ class DeviceLoader:
             if draws is not None:
                 x = self._augmented(x, *draws)
             yield unit_float(x), self.labels.index_select(0, mine), mine
-
-    def shard(self, size: int) -> tuple[int, int]:
-        """This rank's slice [lo, hi) of a global batch of `size`; a short last batch is split as evenly as possible."""
-        return shard_of(self.rank, self.world_size, size)
 
     def _draws(self, epoch: int, steps: range) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each step's flips and crop offsets for this rank's rows, on the device.

@@ -19,6 +19,7 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from backsmooth.data.dataset import unit_float
 from backsmooth.data.files import open_image, rgb_image
-from backsmooth.data.loader import CROP_PADDING, epoch_order, epoch_steps, shard_of
+from backsmooth.data.loader import CROP_PADDING, EpochBatches, epoch_order
 from backsmooth.errors import DataError
 from backsmooth.schedules import size_at
 
@@ -123,7 +124,9 @@ class FileDataset:
             items = [(i, 0) for i in range(len(self))]
             batches = [items[start:start + 64] for start in range(0, len(items), 64)]
             workers = self.workers if len(self) > 256 else 0  # starting processes costs more than a few images
-            parts = [x for x, _, _ in _batches(_Decoder(self, "none", 0), batches, workers)]
+            loader = DataLoader(_Decoder(self, "none", 0), batch_sampler=batches, num_workers=workers,
+                                collate_fn=_collate)
+            parts = [x for x, _, _ in worker_batches(loader)]
             self._images = torch.cat(parts) if parts else torch.empty(0, *self.image_shape, dtype=torch.uint8)
         return self._images
 
@@ -211,19 +214,16 @@ def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, 
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(index, dtype=torch.int64)
 
 
-def _batches(decoder: _Decoder, batches: Sequence[list[tuple[int, int]]] | _EpochBatches, workers: int,
-             pin: bool = False, loader: DataLoader | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Decode `batches` of (index, epoch) items with `workers` processes (0: here), in order; a DataError raised in
-    a worker comes back as itself, in one line."""
-    loader = loader or DataLoader(decoder, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                                  pin_memory=pin)
+def worker_batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches of a DataLoader; a DataError raised in one of its workers comes back as itself, in one line (the
+    DataLoader wraps it in the worker's traceback)."""
     try:
         yield from loader
-    except DataError as error:  # a worker's error arrives wrapped in its traceback; keep its own message
+    except DataError as error:
         raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
-class _EpochBatches:
+class _EpochSampler:
     """The batch sampler of a StreamLoader: this rank's items of the steps `start..` of the current epoch."""
 
     def __init__(self, loader: StreamLoader) -> None:
@@ -234,14 +234,14 @@ class _EpochBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         loader = self.loader
-        order = epoch_order(len(loader.data), loader.seed, self.epoch, loader.shuffle)
+        order = epoch_order(loader.size, loader.seed, self.epoch, loader.shuffle)
         for step in range(self.start, len(loader)):
             batch = order[step * loader.batch_size:(step + 1) * loader.batch_size]
             lo, hi = loader.shard(len(batch))
             yield [(int(i), self.epoch) for i in batch[lo:hi]]
 
 
-class StreamLoader:
+class StreamLoader(EpochBatches):
     """Training batches of a FileDataset decoded by `workers` processes, pinned and copied to the device one batch
     ahead; the same interface and the same reproducibility as DeviceLoader (see the module's docstring).
     `resize` ((epoch, size), ...) decodes the training images of those epochs at that size (progressive
@@ -253,37 +253,21 @@ class StreamLoader:
                  resize: tuple[tuple[int, int], ...] = (), steps: int = 0) -> None:
         if augment not in STREAM_AUGMENTS:
             raise DataError(f"unknown augmentation {augment!r}; choose one of: {', '.join(STREAM_AUGMENTS)}")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
-            raise DataError(f"need a global batch size divisible by the number of processes and 0 <= rank < "
-                            f"world_size, got batch_size {batch_size}, rank {rank}, world_size {world_size}")
-        self.data, self.batch_size, self.augment = data, batch_size, augment
-        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.device, self.rank, self.world_size, self.steps = torch.device(device), rank, world_size, steps
+        super().__init__(len(data), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
+                         world_size=world_size, steps=steps)
+        self.data, self.augment, self.device = data, augment, torch.device(device)
         self.workers = default_workers() if workers is None else workers
-        self._sampler = _EpochBatches(self)
+        self._sampler = _EpochSampler(self)
         self._loader = DataLoader(_Decoder(data, augment, seed, resize), batch_sampler=self._sampler,
                                   num_workers=self.workers, collate_fn=_collate,
                                   pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
                                   prefetch_factor=prefetch if self.workers else None)
 
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
-        return epoch_steps(len(self.data), self.batch_size, self.drop_last, self.steps)
-
-    def shard(self, size: int) -> tuple[int, int]:
-        """This rank's slice [lo, hi) of a global batch of `size`."""
-        return shard_of(self.rank, self.world_size, size)
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches (x float32 in [0, 1] NCHW, y int64) on the device, for steps start_step.. of `epoch`."""
-        for x, y, _ in self.indexed_epoch(epoch, start_step):
-            yield x, y
-
     def indexed_epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """As `epoch`, with the dataset indices of each batch's examples."""
         self._sampler.epoch, self._sampler.start = epoch, start_step
         ahead: tuple[torch.Tensor, ...] | None = None
-        for batch in _batches(self._loader.dataset, self._sampler, self.workers, loader=self._loader):
+        for batch in worker_batches(self._loader):
             moved = tuple(t.to(self.device, non_blocking=True) for t in batch)  # copies while the last batch trains
             if ahead is not None:
                 yield unit_float(ahead[0]), ahead[1], ahead[2]

@@ -21,13 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backsmooth.attacks import Perturbation, uniform_noise_init
+from backsmooth.distributed import group_size
 from backsmooth.methods.base import Stats, StepContext, TrainingMethod, hyperparameter, record
 from backsmooth.methods.registry import register
-
-
-def group_size() -> int:
-    """Processes in the torchrun group (1 without one)."""
-    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
 
 
 def soft_target(y: Tensor, classes: int, factor: float) -> Tensor:
@@ -74,7 +70,8 @@ class FGSMRSCS(TrainingMethod):
         if state["epoch"] >= 0 and float(state["count"]) > 0:
             mean = state["sum"] / state["count"]
             state["change"], state["previous"] = mean - state["previous"], mean
-        state["sum"], state["count"], state["epoch"] = state["sum"] * 0, state["count"] * 0, epoch
+        state["sum"], state["count"] = torch.zeros_like(state["sum"]), torch.zeros_like(state["count"])
+        state["epoch"] = epoch
 
     def _attack_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """The FGSM step's per-example CE on the labels, with the run's label smoothing (the benchmark's criterion)."""
